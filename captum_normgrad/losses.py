@@ -1,0 +1,163 @@
+"""What NormGrad backpropagates: the per-example loss built from the model's outputs and ``target``.
+
+NormGrad asks which locations contribute to the *training* gradient, so by default it backpropagates
+the training loss: the cross-entropy of ``target`` taken as the label. Per-example losses are summed,
+never averaged, so that an example's map does not depend on the batch it is in.
+
+Three choices, named by the ``loss`` argument of every method:
+
+- ``"cross_entropy"`` (default, the paper): ``outputs`` are ``(N, num_classes)`` logits and ``target``
+  gives one class index per example. ``target=None`` uses the model's top-1 prediction as the label.
+- ``"output"`` (Captum's convention, as ``LayerGradCam``): backpropagate the selected output itself,
+  ``target`` in any form Captum accepts.
+- a callable ``loss(outputs, target) -> (N,)`` per-example losses, for segmentation, regression or
+  detection heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from captum_normgrad._captum import TargetType, select_targets
+
+__all__ = ["LossSpec", "class_labels", "per_example_loss"]
+
+LossSpec = Literal["cross_entropy", "output"] | Callable[[Tensor, TargetType], Tensor]
+
+
+def class_labels(outputs: Tensor, target: TargetType) -> Tensor:
+    """One class index per example, validated against ``outputs`` of shape ``(N, num_classes)``.
+
+    Args:
+        outputs: the model's logits, ``(N, num_classes)``.
+        target: ``None`` (use the top-1 prediction), an ``int``, a one-element tensor, or a list /
+            1-D tensor with one class index per example.
+
+    Returns:
+        A ``(N,)`` ``long`` tensor on ``outputs.device``.
+
+    Raises:
+        ValueError: ``outputs`` is not 2-D, or ``target`` has the wrong form, length or range.
+    """
+    if outputs.dim() != 2:
+        raise ValueError(
+            "cross-entropy needs (N, num_classes) logits, but the model returned an output of shape "
+            f"{tuple(outputs.shape)}; pass loss='output' (Captum's convention) or a callable "
+            "loss(outputs, target) -> per-example losses"
+        )
+    num_examples, num_classes = outputs.shape
+    if target is None:
+        return outputs.detach().argmax(dim=1)
+    if isinstance(target, bool) or isinstance(target, tuple):
+        raise ValueError(
+            f"cross-entropy needs one class index per example, got target={target!r}; "
+            "tuple targets index multi-dimensional outputs (use loss='output')"
+        )
+    if isinstance(target, int):
+        labels = torch.full((num_examples,), target, dtype=torch.long, device=outputs.device)
+    else:
+        if isinstance(target, list) and any(not isinstance(t, int) for t in target):
+            raise ValueError(f"target list must hold integer class indices, got {target!r}")
+        labels = torch.as_tensor(target, device=outputs.device)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"target must hold integer class indices, got dtype {labels.dtype}")
+        labels = labels.long()
+        if labels.numel() == 1:
+            labels = labels.reshape(1).expand(num_examples)
+        elif labels.dim() != 1 or labels.numel() != num_examples:
+            raise ValueError(
+                f"target has {labels.numel()} entries (shape {tuple(labels.shape)}) for a batch of "
+                f"{num_examples} examples; give one class index per example or a single index"
+            )
+    out_of_range = (labels < 0) | (labels >= num_classes)
+    if out_of_range.any():
+        bad = labels[out_of_range][0].item()
+        raise ValueError(f"target class {bad} is out of range for {num_classes} output classes")
+    return labels
+
+
+def _selected_outputs(outputs: Tensor, target: TargetType) -> Tensor:
+    """Captum's target selection, with its assertions turned into messages that name the problem."""
+    num_examples = outputs.shape[0]
+    if (
+        isinstance(target, int)
+        and outputs.dim() >= 2
+        and not -outputs.shape[-1] <= target < outputs.shape[-1]
+    ):
+        raise ValueError(
+            f"target {target} is out of range for an output of shape {tuple(outputs.shape)}"
+        )
+    if isinstance(target, (list, Tensor)) and not (
+        isinstance(target, Tensor) and target.numel() == 1
+    ):
+        if len(target) != num_examples:
+            raise ValueError(
+                f"target has {len(target)} entries for a batch of {num_examples} examples"
+            )
+        if outputs.dim() == 2 and not isinstance(target[0], tuple):
+            labels = torch.as_tensor(target)
+            if ((labels < 0) | (labels >= outputs.shape[1])).any():
+                raise ValueError(
+                    f"a target index in {labels.tolist()} is out of range for an output of shape "
+                    f"{tuple(outputs.shape)}"
+                )
+    try:
+        selected = select_targets(outputs, target)
+    except (AssertionError, IndexError) as error:
+        raise ValueError(
+            f"target {target!r} cannot select from an output of shape {tuple(outputs.shape)}: {error}"
+        ) from error
+    if selected.dim() == 2 and selected.shape[1] == 1:
+        selected = selected[:, 0]
+    if selected.shape != (num_examples,):
+        raise ValueError(
+            f"loss='output' needs one value per example after selecting target {target!r}, got shape "
+            f"{tuple(selected.shape)} from outputs of shape {tuple(outputs.shape)}; give a target"
+        )
+    return selected
+
+
+def per_example_loss(outputs: Tensor, target: TargetType, loss: LossSpec) -> Tensor:
+    """The ``(N,)`` per-example quantity NormGrad backpropagates (see the module docstring).
+
+    Args:
+        outputs: what the forward function returned.
+        target: as for Captum's attribution methods.
+        loss: ``"cross_entropy"``, ``"output"`` or a callable ``loss(outputs, target) -> (N,)``.
+
+    Returns:
+        A ``(N,)`` tensor; its sum is backpropagated.
+
+    Raises:
+        ValueError: the outputs, target or loss do not fit together.
+    """
+    if not isinstance(outputs, Tensor):
+        raise ValueError(
+            f"the forward function returned {type(outputs).__name__}, not a tensor; wrap the model so "
+            "it returns the tensor to explain"
+        )
+    if loss == "cross_entropy":
+        if not outputs.is_floating_point():
+            raise ValueError(
+                f"cross-entropy needs floating-point logits, got dtype {outputs.dtype}"
+            )
+        return F.cross_entropy(outputs, class_labels(outputs, target), reduction="none")
+    if loss == "output":
+        return _selected_outputs(outputs, target)
+    if callable(loss):
+        losses = loss(outputs, target)
+        if not isinstance(losses, Tensor) or losses.shape != (outputs.shape[0],):
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise ValueError(
+                f"the loss callable must return one loss per example, shape ({outputs.shape[0]},); "
+                f"it returned {shape}"
+            )
+        return losses
+    raise ValueError(
+        f"loss must be 'cross_entropy', 'output' or a callable(outputs, target), got {loss!r}"
+    )
