@@ -154,6 +154,11 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
         create_graph: bool,
     ) -> list[LayerRecord]:
         """One forward and one backward pass; each record gets its activation and gradient."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "NormGrad needs autograd, which torch.inference_mode() disables; "
+                "use torch.no_grad() or no context instead"
+            )
         inputs = format_inputs(inputs)
         check_finite_inputs(inputs)
         additional_forward_args = format_additional_forward_args(additional_forward_args)

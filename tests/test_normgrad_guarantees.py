@@ -260,3 +260,9 @@ def test_data_parallel_is_refused_clearly():
     model = bn_cnn()
     with pytest.raises(NotImplementedError, match="DataParallel"):
         LayerNormGrad(model, model[3], device_ids=[0])
+
+
+def test_inference_mode_is_refused_clearly():
+    model = bn_cnn().eval()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        LayerNormGrad(model, model[3]).attribute(torch.randn(1, 3, 8, 8), target=0)
