@@ -5,10 +5,13 @@ from captum_normgrad.combine import combine_layer_maps, normalize_per_example, u
 from captum_normgrad.losses import per_example_loss
 from captum_normgrad.normgrad import LayerNormGrad, LayerNormGradSelective
 from captum_normgrad.normgrad_conv import LayerNormGradConv
+from captum_normgrad.order1 import LayerNormGradAdversarial, LayerNormGradOrder1
 
 __all__ = [
     "LayerNormGrad",
+    "LayerNormGradAdversarial",
     "LayerNormGradConv",
+    "LayerNormGradOrder1",
     "LayerNormGradSelective",
     "combine_layer_maps",
     "normalize_per_example",
