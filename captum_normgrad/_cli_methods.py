@@ -1,0 +1,72 @@
+"""The attribution methods the command line offers, each a thin wrapper over the public API.
+
+:func:`build_method` returns a Captum-style object: ``.attribute(inputs, target=...)`` gives one
+``(N, 1, h, w)`` map per layer, and ``.layers`` names the layers (what
+:func:`captum_normgrad.metrics.evaluate_attributions` reads to label its rows). NormGrad methods get
+all layers from one call (one set of passes: one forward and one backward for order 0, four per
+example for order 1); ``LayerGradCam`` takes one layer per call. NormGrad backpropagates the
+training loss (cross-entropy of the target); Grad-CAM the target's score, as Captum defines it, with
+its ReLU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from captum.attr import LayerGradCam
+from torch import Tensor, nn
+
+from captum_normgrad.normgrad import LayerNormGrad, LayerNormGradSelective
+from captum_normgrad.normgrad_conv import LayerNormGradConv
+from captum_normgrad.order1 import LayerNormGradAdversarial, LayerNormGradOrder1
+
+__all__ = ["METHODS", "LayerGradCams", "MethodInfo", "build_method"]
+
+
+class LayerGradCams:
+    """``captum.attr.LayerGradCam`` at several layers, one call each, with its ReLU applied."""
+
+    def __init__(self, model: nn.Module, layers: list[nn.Module]) -> None:
+        self.layers = list(layers)
+        self._cams = [LayerGradCam(model, layer) for layer in self.layers]
+
+    def attribute(self, inputs: Tensor, target: Any = None, **kwargs: Any) -> list[Tensor]:
+        """One Grad-CAM map per layer, ``(N, 1, h, w)``, detached."""
+        return [
+            cam.attribute(inputs, target=target, relu_attributions=True, **kwargs).detach()
+            for cam in self._cams
+        ]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """One command-line method: its display label, its class, and a one-line description."""
+
+    label: str
+    attribution_class: type
+    description: str
+
+
+METHODS: dict[str, MethodInfo] = {
+    "gradcam": MethodInfo(
+        "Grad-CAM", LayerGradCams, "captum.attr.LayerGradCam, one call per layer"
+    ),
+    "normgrad": MethodInfo("NormGrad", LayerNormGrad, "order 0, ||x_u|| ||g_u||"),
+    "order1": MethodInfo(
+        "order 1", LayerNormGradOrder1, "after one inner SGD step (paper defaults eps=5e-4)"
+    ),
+    "adversarial": MethodInfo(
+        "adversarial", LayerNormGradAdversarial, "what would most degrade the model (order 1, +eps)"
+    ),
+    "selective": MethodInfo("selective", LayerNormGradSelective, "||max(x_u g_u, 0)||"),
+    "conv": MethodInfo(
+        "NormGrad conv", LayerNormGradConv, "order 0 on a real conv (conv layers; map at its input)"
+    ),
+}
+"""Every method by its command-line name."""
+
+
+def build_method(name: str, model: nn.Module, layers: list[nn.Module]) -> Any:
+    """An object whose ``.attribute(inputs, target=...)`` returns method ``name``'s map per layer."""
+    return METHODS[name].attribution_class(model, list(layers))
