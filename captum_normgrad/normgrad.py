@@ -72,6 +72,9 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
         >>> upsampled = LayerAttribution.interpolate(maps[0], (224, 224), "bilinear")
     """
 
+    # Whether the capture keeps each layer's input too (the real-convolution form needs its patches).
+    _keeps_layer_input = False
+
     def __init__(
         self,
         forward_func: Callable[..., Tensor],
@@ -83,7 +86,10 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
                 f"{type(self).__name__} does not support DataParallel / device_ids; attribute on the "
                 "wrapped module (model.module) instead"
             )
-        layers = list(layer) if isinstance(layer, (list, tuple, nn.ModuleList)) else [layer]
+        is_list = isinstance(layer, (list, tuple, nn.ModuleList))
+        layers = list(layer) if is_list else [layer]
+        if not layers:
+            raise ValueError("layer is an empty list; give at least one module")
         for module in layers:
             if not isinstance(module, nn.Module):
                 raise TypeError(f"layer must be an nn.Module or a list of them, got {module!r}")
@@ -91,7 +97,7 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
         LayerAttribution.__init__(self, forward_func, layer, device_ids)
         GradientAttribution.__init__(self, forward_func)
         self.layers = layers
-        self._returns_list = len(layers) > 1 or isinstance(layer, (list, tuple, nn.ModuleList))
+        self._returns_list = is_list
 
     def _check_layers(self, layers: list[nn.Module]) -> None:
         """Hook for variants that only accept some module types."""
@@ -99,8 +105,6 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
     def _layer_map(self, record: LayerRecord) -> Tensor:
         """The one step a variant overrides: a record's activation and gradient -> ``(N, 1, *S)``."""
         return channel_norm(record.activation) * channel_norm(record.gradient)
-
-    _keeps_layer_input = False
 
     def attribute(
         self,

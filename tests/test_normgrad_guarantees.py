@@ -266,3 +266,11 @@ def test_inference_mode_is_refused_clearly():
     model = bn_cnn().eval()
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         LayerNormGrad(model, model[3]).attribute(torch.randn(1, 3, 8, 8), target=0)
+
+
+def test_bad_layer_arguments_are_refused():
+    model = bn_cnn()
+    with pytest.raises(ValueError, match="empty list"):
+        LayerNormGrad(model, [])
+    with pytest.raises(TypeError, match="nn.Module or a list"):
+        LayerNormGrad(model, ["0"])
