@@ -1,4 +1,5 @@
-"""Shared fixtures: fixed seeds and the device parameter (CUDA skipped where absent)."""
+"""Shared fixtures: fixed seeds, one intra-op thread for tiny models, and the device parameter
+(CUDA skipped where absent)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,16 @@ def fixed_seeds() -> None:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: intra-op threads only add synchronisation (several times slower when the two
+    cores are shared). Restored after each test."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(params=["cpu", "cuda"])

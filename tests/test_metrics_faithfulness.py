@@ -72,9 +72,10 @@ def test_insertion_curve_of_the_region_sum_with_zeros_substrate():
     good = ramp([3, 2, 1, 0])
     curve = insertion_curve(model, images, good, 0, n_steps=4, substrate="zeros", score="output")
     assert curve.tolist() == [[0.0, 4.0, 4.0, 4.0, 4.0]]
-    assert insertion_auc(
-        model, images, good, 0, n_steps=4, substrate="zeros", score="output"
-    ).item() == 3.5
+    assert (
+        insertion_auc(model, images, good, 0, n_steps=4, substrate="zeros", score="output").item()
+        == 3.5
+    )
 
 
 def test_steps_that_do_not_divide_the_pixels_change_floor_k_times_pixels_over_steps():
@@ -149,10 +150,17 @@ def slow_deletion_curve(model, images, maps, target, n_steps, substrate):
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 1000])
 def test_batched_curves_of_layer_maps_match_a_slow_per_step_loop(chunk_size):
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        nn.Linear(16, 5),
-    ).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16, 5),
+        )
+        .double()
+        .eval()
+    )
     images = torch.randn(3, 3, 12, 12, dtype=torch.float64)
     layer_maps = torch.rand(3, 1, 3, 3, dtype=torch.float64)  # upsampled to 12x12 first
     target = torch.tensor([0, 3, 4])
@@ -166,9 +174,7 @@ def test_batched_curves_of_layer_maps_match_a_slow_per_step_loop(chunk_size):
     blurred = substrate_images(images, "blur")
     # insertion = the reference loop started from the blur, "removing" towards the image
     insertion = insertion_curve(model, images, layer_maps, target, 9, chunk_size=chunk_size)
-    expected_insertion, _ = slow_deletion_curve(
-        model, blurred, layer_maps, target, 9, images
-    )
+    expected_insertion, _ = slow_deletion_curve(model, blurred, layer_maps, target, 9, images)
     assert torch.allclose(insertion, expected_insertion, atol=1e-12)
 
 
@@ -194,8 +200,9 @@ def test_batch_invariance_and_target_none_uses_the_top_prediction():
     images = torch.randn(4, 3, 8, 8)
     maps = torch.rand(4, 1, 8, 8)
     batched = deletion_curve(model, images, maps, None, n_steps=5)
-    alone = torch.cat([deletion_curve(model, images[i : i + 1], maps[i : i + 1], None, 5)
-                       for i in range(4)])
+    alone = torch.cat(
+        [deletion_curve(model, images[i : i + 1], maps[i : i + 1], None, 5) for i in range(4)]
+    )
     assert torch.allclose(batched, alone, atol=1e-6)
     top = model(images).argmax(dim=1)
     assert torch.allclose(batched, deletion_curve(model, images, maps, top, n_steps=5))

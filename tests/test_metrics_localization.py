@@ -42,10 +42,14 @@ def test_boxes_are_half_open():
     maps = peak_map(0, 2)
     size = (10, 10)
     # tolerance 1: only the peak pixel itself counts.
-    assert pointing_game(maps, boxes=torch.tensor([[0, 0, 2, 1]]), image_size=size,
-                         tolerance=1).item() == 0.0
-    assert pointing_game(maps, boxes=torch.tensor([[0, 0, 3, 1]]), image_size=size,
-                         tolerance=1).item() == 1.0
+    assert (
+        pointing_game(maps, boxes=torch.tensor([[0, 0, 2, 1]]), image_size=size, tolerance=1).item()
+        == 0.0
+    )
+    assert (
+        pointing_game(maps, boxes=torch.tensor([[0, 0, 3, 1]]), image_size=size, tolerance=1).item()
+        == 1.0
+    )
 
 
 def test_several_boxes_per_example_any_one_counts():
@@ -158,8 +162,9 @@ def test_layer_maps_are_upsampled_and_constant_maps_localise_nothing():
     box = saliency_boxes(maps, (8, 8), threshold=0.5)
     upsampled = torch.nn.functional.interpolate(maps, (8, 8), mode="bilinear")
     rows, cols = torch.nonzero(upsampled[0, 0] > 0.5, as_tuple=True)
-    assert box.tolist() == [[cols.min().item(), rows.min().item(),
-                             cols.max().item() + 1, rows.max().item() + 1]]
+    assert box.tolist() == [
+        [cols.min().item(), rows.min().item(), cols.max().item() + 1, rows.max().item() + 1]
+    ]
     constant = torch.ones(1, 1, 4, 4)
     assert saliency_boxes(constant, (8, 8)).tolist() == [[0, 0, 0, 0]]
     assert localization_iou(constant, [torch.tensor([0, 0, 8, 8])], (8, 8)).item() == 0.0

@@ -53,7 +53,12 @@ def make_loader():
 
 
 ALL_METRICS = [
-    "deletion", "insertion", "confidence", "pointing_game", "localization", "selectivity",
+    "deletion",
+    "insertion",
+    "confidence",
+    "pointing_game",
+    "localization",
+    "selectivity",
 ]
 
 
@@ -71,11 +76,22 @@ def test_one_row_per_method_and_layer_with_the_means_of_the_direct_metrics(tmp_p
     table = evaluate_attributions(model, methods, loader, ALL_METRICS, n_steps=8, progress=False)
     assert_model_unchanged(model, before)
     assert [(row["method"], row["layer"]) for row in table.rows] == [
-        ("NormGrad", "conv1"), ("NormGrad", "conv2"), ("Grad-CAM", "conv2"), ("partial", "conv2"),
+        ("NormGrad", "conv1"),
+        ("NormGrad", "conv2"),
+        ("Grad-CAM", "conv2"),
+        ("partial", "conv2"),
     ]
     assert table.columns == [
-        "method", "layer", "examples", "deletion_auc", "insertion_auc", "average_drop",
-        "increase_in_confidence", "pointing_game", "localization_iou", "localization_accuracy",
+        "method",
+        "layer",
+        "examples",
+        "deletion_auc",
+        "insertion_auc",
+        "average_drop",
+        "increase_in_confidence",
+        "pointing_game",
+        "localization_iou",
+        "localization_accuracy",
         "selectivity",
     ]
     # The Grad-CAM row equals the metrics computed directly on the whole data set.
@@ -208,7 +224,12 @@ def test_mask_ground_truth_goes_to_the_pointing_game():
 
     loader = [(images, torch.tensor([0, 1]), masks)]
     table = evaluate_attributions(
-        model, {"top": bright_top}, loader, ["pointing_game"], ground_truth="masks",
-        tolerance=1, progress=False,
+        model,
+        {"top": bright_top},
+        loader,
+        ["pointing_game"],
+        ground_truth="masks",
+        tolerance=1,
+        progress=False,
     )
     assert table.rows[0]["pointing_game"] == 0.5  # class 0 hit, class 1 missed

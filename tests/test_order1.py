@@ -20,14 +20,7 @@ from captum_normgrad.order1 import LayerNormGradAdversarial, LayerNormGradOrder1
 ORDER1_SIGN = {LayerNormGradOrder1: 1.0, LayerNormGradAdversarial: -1.0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add synchronisation (6x slower on the shared 2-core
-    machine). Restored after each test."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyNet(nn.Module):

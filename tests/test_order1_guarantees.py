@@ -11,15 +11,7 @@ from torch import Tensor, nn
 
 from captum_normgrad.order1 import LayerNormGradAdversarial, LayerNormGradOrder1
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add synchronisation (6x slower on the shared 2-core
-    machine). Restored after each test."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_bn_cnn() -> nn.Sequential:

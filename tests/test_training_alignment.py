@@ -9,33 +9,12 @@ import torch
 import torch.nn.functional as F
 from captum.attr import GuidedBackprop
 from model_state import assert_model_unchanged, model_snapshot
+from tiny_models import tiny_batch, tiny_cnn
 from torch import nn
 
 from captum_normgrad.training import GuidedGradientAlignment, gradient_alignment, train_only
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _cnn(inplace=False):
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1),
-        nn.ReLU(inplace=inplace),
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.ReLU(inplace=inplace),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, 3),
-    ).double()
-
-
-def _batch():
-    return torch.randn(4, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_value_on_a_hand_checked_case():
@@ -68,8 +47,8 @@ def test_zero_gradients_have_no_direction():
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Captum's notes on its own hooks
 @pytest.mark.parametrize("inplace", [False, True])
 def test_gradients_equal_independent_references(inplace):
-    model = _cnn(inplace)
-    images, labels = _batch()
+    model = tiny_cnn(inplace)
+    images, labels = tiny_batch()
     terms = GuidedGradientAlignment(model)(images, labels)
     guided = GuidedBackprop(model).attribute(images, target=labels)
     torch.testing.assert_close(terms.guided_gradient, guided, rtol=1e-12, atol=1e-15)
@@ -93,10 +72,10 @@ class _Functional(nn.Module):
 
 
 def test_gradcheck_with_the_guided_target_held_fixed():
-    net = _cnn()
+    net = tiny_cnn()
     model = _Functional(net)
     names = [name for name, _ in net.named_parameters()]
-    images, labels = _batch()
+    images, labels = tiny_batch()
     regulariser = GuidedGradientAlignment(model)
     model.parameters_in_use = dict(net.named_parameters())
     fixed_target = regulariser(images, labels).guided_gradient
@@ -111,8 +90,8 @@ def test_gradcheck_with_the_guided_target_held_fixed():
 
 
 def test_the_loss_gradient_treats_the_guided_gradient_as_a_constant():
-    model = _cnn()
-    images, labels = _batch()
+    model = tiny_cnn()
+    images, labels = tiny_batch()
     terms = GuidedGradientAlignment(model, weight=2.0)(images, labels)
     ours = torch.autograd.grad(terms.loss, list(model.parameters()))
     # Independent: plain autograd, no hooks, the guided target frozen.
@@ -129,8 +108,8 @@ def test_the_loss_gradient_treats_the_guided_gradient_as_a_constant():
 
 
 def test_gradients_reach_exactly_the_unfrozen_parameters():
-    model = _cnn()
-    images, labels = _batch()
+    model = tiny_cnn()
+    images, labels = tiny_batch()
     with train_only(model, model[0]):
         terms = GuidedGradientAlignment(model)(images, labels)
         (terms.alignment.sum()).backward()  # only the double-backpropagated term
@@ -139,8 +118,8 @@ def test_gradients_reach_exactly_the_unfrozen_parameters():
 
 
 def test_the_model_is_untouched_also_on_errors():
-    model = _cnn(inplace=True)
-    images, labels = _batch()
+    model = tiny_cnn(inplace=True)
+    images, labels = tiny_batch()
     before = model_snapshot(model)
     GuidedGradientAlignment(model)(images, labels)
     assert_model_unchanged(model, before)
@@ -150,8 +129,8 @@ def test_the_model_is_untouched_also_on_errors():
 
 
 def test_clear_errors():
-    model = _cnn()
-    images, labels = _batch()
+    model = tiny_cnn()
+    images, labels = tiny_batch()
     with pytest.raises(ValueError, match="weight"):
         GuidedGradientAlignment(model, weight=-1.0)
     with pytest.raises(ValueError, match="labels are required"):

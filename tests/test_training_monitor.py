@@ -11,14 +11,7 @@ from torch import nn
 from captum_normgrad import LayerNormGrad
 from captum_normgrad.training import NormGradMonitor, monitor_paused
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class PassCounter(torch.autograd.Function):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from captum.attr import GuidedGradCam, LayerGradCam
 from model_state import assert_model_unchanged, model_snapshot
+from tiny_models import tiny_batch, tiny_cnn
 from torch import nn
 
 from captum_normgrad import LayerNormGrad
@@ -22,28 +23,7 @@ from captum_normgrad.training import (
 METHODS = [DifferentiableGradCam, DifferentiableGuidedGradCam, DifferentiableNormGrad]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _cnn(inplace=False):
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1),
-        nn.ReLU(inplace=inplace),
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.ReLU(inplace=inplace),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, 3),
-    ).double()
-
-
-def _batch():
-    return torch.randn(4, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hand_model():
@@ -62,8 +42,8 @@ def _hand_model():
 
 @pytest.mark.parametrize("inplace", [False, True])
 def test_grad_cam_equals_captum(inplace):
-    model = _cnn(inplace)
-    images, _ = _batch()
+    model = tiny_cnn(inplace)
+    images, _ = tiny_batch()
     forward = DifferentiableGradCam(model, model[2])(images)
     assert torch.equal(forward.classes, model(images).argmax(dim=1))
     reference = LayerGradCam(model, model[2]).attribute(
@@ -75,8 +55,8 @@ def test_grad_cam_equals_captum(inplace):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Captum's notes on its own hooks
 def test_guided_grad_cam_equals_captum():
-    model = _cnn()
-    images, labels = _batch()
+    model = tiny_cnn()
+    images, labels = tiny_batch()
     forward = DifferentiableGuidedGradCam(model, model[2])(images, classes=labels)
     reference = GuidedGradCam(model, model[2]).attribute(
         images, target=labels, interpolate_mode="bilinear"
@@ -86,8 +66,8 @@ def test_guided_grad_cam_equals_captum():
 
 
 def test_normgrad_and_its_weight_gradient_equal_layer_normgrad():
-    model = _cnn()
-    images, _ = _batch()
+    model = tiny_cnn()
+    images, _ = tiny_batch()
     forward = DifferentiableNormGrad(model, model[2])(images)
     reference = LayerNormGrad(model, model[2]).attribute(
         images, target=forward.classes, create_graph=True
@@ -162,8 +142,8 @@ class _VanishingGradCam(DifferentiableGradCam):
 
 
 def test_an_all_zero_map_has_zero_confidence_and_finite_gradients():
-    model = _cnn()
-    images, labels = _batch()
+    model = tiny_cnn()
+    images, labels = tiny_batch()
     terms = SaliencyPenalisedLoss(_VanishingGradCam(model, model[2]))(images, labels)
     assert torch.equal(terms.confidence, torch.zeros(4, dtype=torch.float64))
     terms.loss.backward()
@@ -184,10 +164,10 @@ class _Functional(nn.Module):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_gradcheck_of_the_penalised_loss(method):
-    net = _cnn()
+    net = tiny_cnn()
     model = _Functional(net)
     names = [name for name, _ in net.named_parameters()]
-    images, labels = _batch()
+    images, labels = tiny_batch()
     loss = SaliencyPenalisedLoss(method(model, net[2]), lam=0.5)
 
     def penalised_loss(*parameters):
@@ -200,8 +180,8 @@ def test_gradcheck_of_the_penalised_loss(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_gradients_reach_exactly_the_trained_layer(method):
-    model = _cnn()
-    images, labels = _batch()
+    model = tiny_cnn()
+    images, labels = tiny_batch()
     flags = [p.requires_grad for p in model.parameters()]
     with train_only(model, model[2]) as trainable:
         assert trainable == list(model[2].parameters())
@@ -221,7 +201,7 @@ def test_a_new_layer_for_transfer_learning():
     model = nn.Sequential(
         backbone, new_layer, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head
     ).double()
-    images, labels = _batch()
+    images, labels = tiny_batch()
     with train_only(model, [new_layer, head]):
         loss = SaliencyPenalisedLoss(DifferentiableGuidedGradCam(model, new_layer))
         loss(images, labels).loss.backward()
@@ -231,7 +211,7 @@ def test_a_new_layer_for_transfer_learning():
 
 
 def test_train_only_restores_flags_after_an_exception_and_checks_modules():
-    model = _cnn()
+    model = tiny_cnn()
     model[0].weight.requires_grad_(False)
     with pytest.raises(KeyError), train_only(model, model[0]):
         assert model[0].weight.requires_grad and not model[2].weight.requires_grad
@@ -245,8 +225,8 @@ def test_train_only_restores_flags_after_an_exception_and_checks_modules():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_the_loss_leaves_the_model_untouched(method):
-    model = _cnn(inplace=True)
-    images, labels = _batch()
+    model = tiny_cnn(inplace=True)
+    images, labels = tiny_batch()
     before = model_snapshot(model)
     SaliencyPenalisedLoss(method(model, model[2]))(images, labels)
     assert_model_unchanged(model, before)
@@ -256,8 +236,8 @@ def test_the_loss_leaves_the_model_untouched(method):
 
 
 def test_clear_errors():
-    model = _cnn()
-    images, labels = _batch()
+    model = tiny_cnn()
+    images, labels = tiny_batch()
     with pytest.raises(ValueError, match="lam"):
         SaliencyPenalisedLoss(DifferentiableGradCam(model, model[2]), lam=1.5)
     with pytest.raises(ValueError, match="right_weight"):
