@@ -63,8 +63,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--naive-images", type=int, default=None,
-                        help="examples for the naive loop (default: all); compared per image")
+    parser.add_argument(
+        "--naive-images",
+        type=int,
+        default=None,
+        help="examples for the naive loop (default: all); compared per image",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
@@ -73,15 +77,18 @@ def main() -> None:
         labels = model(images[:2]).argmax(dim=1).repeat(args.images)[: args.images]
     maps = LayerNormGrad(model, model.layer4).attribute(images, target=labels)
     total = args.images * (args.steps + 1)
-    print(f"ResNet-18 (CPU, {torch.get_num_threads()} threads), {args.images} images "
-          f"{args.size}x{args.size}, {args.steps} steps, chunks of {args.chunk_size}: "
-          f"{total} images through the model per curve; layer4 NormGrad maps "
-          f"({maps.shape[-2]}x{maps.shape[-1]}, upsampled)")
+    print(
+        f"ResNet-18 (CPU, {torch.get_num_threads()} threads), {args.images} images "
+        f"{args.size}x{args.size}, {args.steps} steps, chunks of {args.chunk_size}: "
+        f"{total} images through the model per curve; layer4 NormGrad maps "
+        f"({maps.shape[-2]}x{maps.shape[-1]}, upsampled)"
+    )
 
     # Warm-up on every batch shape the runs will see: a full chunk, the last partial one, one image.
     forward_floor(model, images, args.chunk_size + total % args.chunk_size, args.chunk_size)
     with torch.no_grad():
         model(images[:1])
+
     # Interleaved repeats, minimum of each: the machine is shared; the minimum is least disturbed.
     def curve(kind):
         return lambda: kind(model, images, maps, labels, args.steps, chunk_size=args.chunk_size)
@@ -90,8 +97,9 @@ def main() -> None:
         return chunk.mean(dim=(2, 3))
 
     def overhead(kind):
-        return lambda: kind(free_model, images, maps, labels % 3, args.steps,
-                            chunk_size=args.chunk_size)
+        return lambda: kind(
+            free_model, images, maps, labels % 3, args.steps, chunk_size=args.chunk_size
+        )
 
     floors, deletions, insertions, own_work = [], [], [], []
     for _ in range(args.repeats):
@@ -114,10 +122,14 @@ def main() -> None:
     print(f"forward floor      {floor:8.2f} s")
     for name, elapsed in (("deletion (zeros) ", deletion), ("insertion (blur) ", insertion)):
         print(f"{name}  {elapsed:8.2f} s   ratio to floor {elapsed / floor:.2f} (target <= 1.3)")
-    print(f"metric's own work (model replaced by a free one, insertion): {min(own_work):.2f} s "
-          f"= {min(own_work) / floor:.3f} of the floor")
-    print(f"naive loop         {naive:8.2f} s for {naive_count} images   "
-          f"per image: naive / batched = {naive_per_image / batched_per_image:.2f}x")
+    print(
+        f"metric's own work (model replaced by a free one, insertion): {min(own_work):.2f} s "
+        f"= {min(own_work) / floor:.3f} of the floor"
+    )
+    print(
+        f"naive loop         {naive:8.2f} s for {naive_count} images   "
+        f"per image: naive / batched = {naive_per_image / batched_per_image:.2f}x"
+    )
     print(f"naive vs batched curves: max abs difference {agreement:.2e}")
 
 

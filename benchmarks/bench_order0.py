@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import torchvision
 from captum.attr import LayerGradCam
+from peak_memory import peak_memory_above_setup_mb
 from torch import nn
 
 from captum_normgrad import LayerNormGrad
@@ -79,32 +78,14 @@ def inputs(batch: int, size: int):
     return images, torch.randint(0, 1000, (batch,), generator=generator)
 
 
-def _peak_resident_mb() -> float:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
-
-
 def peak_memory_mb(model_name: str, method: str, batch: int, size: int) -> float:
-    """Peak resident memory of one call above the loaded model and inputs, in a fresh process.
-
-    Linux only: writing 5 to ``/proc/self/clear_refs`` resets the peak (VmHWM) to the current size.
-    """
-    code = f"""
-import sys; sys.path.insert(0, "benchmarks")
+    """Peak resident memory of one call above the loaded model and inputs, in a fresh process."""
+    setup = f"""
 import bench_order0 as bench
 model = bench.build({model_name!r}); images, target = bench.inputs({batch}, {size})
 method = bench.methods(model, {model_name!r})[{method!r}]
-with open("/proc/self/clear_refs", "w") as clear_refs:
-    clear_refs.write("5")
-before = bench._peak_resident_mb()
-method(images, target)
-print(bench._peak_resident_mb() - before)
 """
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
-    return float(result.stdout.strip().splitlines()[-1])
+    return peak_memory_above_setup_mb(setup, "method(images, target)")
 
 
 def main() -> None:

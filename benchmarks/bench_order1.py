@@ -20,13 +20,12 @@ intra-op threads.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import time
 
 import torch
 import torchvision
 from captum.attr import LayerGradCam
+from peak_memory import peak_memory_above_setup_mb
 from torch import nn
 
 from captum_normgrad.order1 import LayerNormGradOrder1
@@ -89,32 +88,15 @@ def fastest(calls: dict, images: torch.Tensor, target: torch.Tensor, repeats: in
     return seconds
 
 
-def _peak_resident_mb() -> float:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
-
-
 def peak_memory_mb(model_name: str, batch_mode: str, batch: int, size: int, threads: int) -> float:
-    """Peak resident memory of one call above the loaded model and inputs, in a fresh process.
-
-    Linux only: writing 5 to ``/proc/self/clear_refs`` resets the peak (VmHWM) to the current size.
-    """
-    code = f"""
-import sys, torch; sys.path.insert(0, "benchmarks"); torch.set_num_threads({threads})
+    """Peak resident memory of one call above the loaded model and inputs, in a fresh process."""
+    setup = f"""
+import torch; torch.set_num_threads({threads})
 import bench_order1 as bench
 model = bench.build({model_name!r}); images, target = bench.inputs({batch}, {size})
 call = bench.batch_mode_call(model, {model_name!r}, {batch_mode!r})
-with open("/proc/self/clear_refs", "w") as clear_refs:
-    clear_refs.write("5")
-before = bench._peak_resident_mb()
-call(images, target)
-print(bench._peak_resident_mb() - before)
 """
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
-    return float(result.stdout.strip().splitlines()[-1])
+    return peak_memory_above_setup_mb(setup, "call(images, target)")
 
 
 def ratio_line(label: str, value: float, note: str = "") -> str:
