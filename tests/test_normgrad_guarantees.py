@@ -7,24 +7,12 @@ import pytest
 import torch
 import torchvision
 from model_state import assert_model_unchanged, model_snapshot
+from tiny_models import bn_cnn
 from torch import nn
 
 from captum_normgrad import LayerNormGrad, LayerNormGradConv, LayerNormGradSelective
 
 METHODS = [LayerNormGrad, LayerNormGradSelective, LayerNormGradConv]
-
-
-def bn_cnn() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(4, 5, 3, stride=2, padding=1),
-        nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(5, 3),
-    )
 
 
 def with_existing_grads(model: nn.Module) -> nn.Module:

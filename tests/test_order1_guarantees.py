@@ -7,6 +7,7 @@ import pytest
 import torch
 import torchvision
 from model_state import assert_model_unchanged, model_snapshot
+from tiny_models import bn_cnn
 from torch import Tensor, nn
 
 from captum_normgrad.order1 import LayerNormGradAdversarial, LayerNormGradOrder1
@@ -14,24 +15,10 @@ from captum_normgrad.order1 import LayerNormGradAdversarial, LayerNormGradOrder1
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def small_bn_cnn() -> nn.Sequential:
-    """BatchNorm and in-place ReLUs, as in torchvision models."""
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(4, 5, 3, stride=2, padding=1),
-        nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(5, 3),
-    )
-
-
 @pytest.mark.parametrize("batch_mode", ["loop", "vmap"])
 @pytest.mark.parametrize("method", [LayerNormGradOrder1, LayerNormGradAdversarial])
 def test_batch_invariance(method, batch_mode):
-    model = small_bn_cnn().eval()
+    model = bn_cnn().eval()
     images = torch.randn(3, 3, 8, 8)
     labels = torch.tensor([0, 2, 1])
     attribution = method(model, [model[1], model[3]])
@@ -57,7 +44,7 @@ def test_torchvision_resnet_loop_and_vmap_agree_and_leave_it_untouched():
 
 @pytest.mark.parametrize("batch_mode", ["loop", "vmap"])
 def test_model_untouched_in_train_mode(batch_mode):
-    model = small_bn_cnn().train()
+    model = bn_cnn().train()
     for parameter in model.parameters():  # existing .grad fields must survive too
         parameter.grad = torch.randn_like(parameter)
     before = model_snapshot(model)
@@ -70,7 +57,7 @@ def test_model_untouched_in_train_mode(batch_mode):
 
 @pytest.mark.parametrize("batch_mode", ["loop", "vmap"])
 def test_model_untouched_when_a_pass_raises(batch_mode):
-    model = small_bn_cnn().train()
+    model = bn_cnn().train()
     before = model_snapshot(model)
     calls = []
 
@@ -88,7 +75,7 @@ def test_model_untouched_when_a_pass_raises(batch_mode):
 
 
 def test_works_under_no_grad():
-    model = small_bn_cnn().eval()
+    model = bn_cnn().eval()
     images = torch.randn(2, 3, 8, 8)
     attribution = LayerNormGradOrder1(model, model[3])
     expected = attribution.attribute(images, target=[0, 1])
@@ -98,7 +85,7 @@ def test_works_under_no_grad():
 
 def test_zero_gradient_gives_a_zero_map_not_nan():
     """h = h_scale / ||v|| with v = 0: the Hessian term is zero for any finite step."""
-    model = small_bn_cnn().eval()
+    model = bn_cnn().eval()
 
     def flat_loss(outputs: Tensor, target: object) -> Tensor:
         return 0.0 * outputs.sum(dim=1)
@@ -137,7 +124,7 @@ class _CountBackward(torch.autograd.Function):
 class CountingNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.body = small_bn_cnn()
+        self.body = bn_cnn()
         self.forward_calls = 0
 
     def forward(self, x: Tensor) -> Tensor:
@@ -175,7 +162,7 @@ class LogitsPerLocation(nn.Module):
 
 
 def test_clear_errors():
-    model = small_bn_cnn().eval()
+    model = bn_cnn().eval()
     images = torch.randn(2, 3, 8, 8)
     attribution = LayerNormGradOrder1(model, model[3])
     for bad in (0.0, -1e-3, float("nan"), True, "0.1"):
@@ -198,7 +185,7 @@ def test_clear_errors():
 
 
 def test_no_trainable_parameters():
-    model = small_bn_cnn().eval().requires_grad_(False)
+    model = bn_cnn().eval().requires_grad_(False)
     before = model_snapshot(model)
     with pytest.raises(ValueError, match="no parameter that requires grad"):
         LayerNormGradOrder1(model, model[3]).attribute(torch.randn(1, 3, 8, 8), target=0)
@@ -220,7 +207,7 @@ def test_dropout_in_training_mode_is_refused():
 
 
 def test_forward_func_must_expose_its_parameters():
-    model = small_bn_cnn()
+    model = bn_cnn()
     with pytest.raises(TypeError, match="nn.Module or a bound method"):
         LayerNormGradOrder1(lambda x: model(x), model[3])
     with pytest.raises(ValueError, match="not a submodule"):
