@@ -15,7 +15,13 @@ from torch import Tensor, nn
 
 from captum_normgrad._capture import layer_name
 
-__all__ = ["AttributionMethod", "Method", "call_method", "method_layer_names"]
+__all__ = [
+    "AttributionMethod",
+    "Method",
+    "call_method",
+    "declared_layers",
+    "method_layer_names",
+]
 
 
 @runtime_checkable
@@ -48,8 +54,8 @@ def call_method(
     return [layer_map.detach() for layer_map in maps]
 
 
-def method_layer_names(method: Method, model: nn.Module | None, count: int) -> list[str]:
-    """Names for the ``count`` maps a method returns: its layers' names in ``model`` when known."""
+def declared_layers(method: Method) -> list[nn.Module] | None:
+    """The layers a method says it explains (``.layers`` or ``.layer``), or ``None``."""
     owner = getattr(method, "func", method)  # a functools.partial
     owner = getattr(owner, "__self__", owner)  # a bound .attribute
     layers = getattr(owner, "layers", None)
@@ -57,7 +63,13 @@ def method_layer_names(method: Method, model: nn.Module | None, count: int) -> l
         layer = getattr(owner, "layer", None)
         layers = [layer] if isinstance(layer, nn.Module) else layer
     if not isinstance(layers, (list, tuple)) or not all(isinstance(m, nn.Module) for m in layers):
-        layers = None
+        return None
+    return list(layers)
+
+
+def method_layer_names(method: Method, model: nn.Module | None, count: int) -> list[str]:
+    """Names for the ``count`` maps a method returns: its layers' names in ``model`` when known."""
+    layers = declared_layers(method)
     if layers is not None and len(layers) == count:
         return [layer_name(model, layer) for layer in layers]
     return ["-"] if count == 1 else [f"map {index}" for index in range(count)]
