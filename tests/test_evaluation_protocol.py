@@ -91,3 +91,15 @@ def test_a_cropped_map_peaks_inside_the_region_the_model_saw():
     placed = maps_at_original_size(maps, region, (40, 80))
     peak = int(placed.flatten().argmax())
     assert divmod(peak, 80) == (0, 20)  # the region's first pixel, not the image's
+
+
+def test_a_folder_of_classes_has_no_ground_truth_to_point_at(tmp_path):
+    from PIL import Image
+
+    from captum_normgrad.evaluation import ImageFolderDataset
+
+    (tmp_path / "cat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat" / "0.png")
+    with pytest.raises(ValueError, match="use the deletion and insertion metrics only"):
+        evaluate_dataset(voc_classifier(), ImageFolderDataset(tmp_path), {"peak": peak_method},
+                         tmp_path / "out", ["pointing"])  # fmt: skip

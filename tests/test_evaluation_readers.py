@@ -15,6 +15,7 @@ from captum_normgrad.evaluation import (
     COCODataset,
     ImageFolderDataset,
     VOCDataset,
+    open_dataset,
     read_image,
 )
 
@@ -101,3 +102,10 @@ def test_image_folder_labels_by_sorted_folder(tmp_path):
     ]
     assert dataset.pair_classes(dataset[2]) == [1]
     assert not dataset.has_ground_truth
+
+
+def test_open_dataset_by_kind_and_path(tmp_path):
+    root = write_voc(tmp_path / "VOC2007")
+    assert [e.image_id for e in open_dataset(f"voc:{root}")] == list(VOC_IMAGES)
+    with pytest.raises(ValueError, match="KIND one of voc, coco, folder"):
+        open_dataset(f"pascal:{root}")

@@ -26,11 +26,13 @@ from captum_normgrad.evaluation.protocol import (
     read_difficult_flags,
 )
 from captum_normgrad.evaluation.runner import DATASET_METRICS, evaluate_dataset
+from captum_normgrad.evaluation.spec import DATASET_KINDS, open_dataset
 from captum_normgrad.evaluation.store import ResultsStore
 from captum_normgrad.evaluation.summary import summarize
 from captum_normgrad.evaluation.voc import VOC_CLASSES, VOCDataset
 
 __all__ = [
+    "DATASET_KINDS",
     "DATASET_METRICS",
     "VOC_CLASSES",
     "Annotation",
@@ -47,6 +49,7 @@ __all__ = [
     "in_difficult_subset",
     "launched_by_torchrun",
     "maps_at_original_size",
+    "open_dataset",
     "pointing_hits",
     "process_group",
     "read_difficult_flags",

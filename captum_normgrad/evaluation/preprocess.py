@@ -39,13 +39,18 @@ class Preprocessing:
             kept), or ``None`` to keep the original size. TorchRay's pointing game: 224, no crop.
         crop: the side of a centre square crop after resizing, or ``None``.
         mean: per-channel mean subtracted from the ``[0, 1]`` image.
-        std: per-channel standard deviation it is divided by.
+        std: per-channel standard deviation it is divided by. TorchRay's VOC / COCO models
+            (converted from Caffe) take ``mean=(123.68/255, 116.779/255, 103.939/255)``,
+            ``std=(1/255,) * 3`` and ``antialias=False``.
+        antialias: antialiased resizing (PIL's and torchvision's default); TorchRay's Caffe
+            preprocessing resizes without it.
     """
 
     resize: int | None = 224
     crop: int | None = None
     mean: Sequence[float] = tuple(IMAGENET_MEAN)
     std: Sequence[float] = tuple(IMAGENET_STD)
+    antialias: bool = True
 
     def __post_init__(self) -> None:
         for name in ("resize", "crop"):
@@ -64,7 +69,7 @@ class Preprocessing:
         height, width = image.shape[-2:]
         resized = image
         if self.resize is not None:
-            resized = TF.resize(image, [self.resize], antialias=True).clamp(0, 1)
+            resized = TF.resize(image, [self.resize], antialias=self.antialias).clamp(0, 1)
         region = Region(0, 0, height, width)
         if self.crop is not None:
             new_height, new_width = resized.shape[-2:]

@@ -294,6 +294,7 @@ def evaluate_dataset(
             "crop": preprocessing.crop,
             "mean": list(preprocessing.mean),
             "std": list(preprocessing.std),
+            "antialias": preprocessing.antialias,
         },
         "n_steps": n_steps if {"deletion", "insertion"} & set(metrics) else None,
         "score": score if isinstance(score, str) else repr(score),
