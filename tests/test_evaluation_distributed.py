@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from captum.attr import LayerGradCam
 from evaluation_datasets import VOC_IMAGES, CountingMethod, voc_classifier, write_voc
+from model_state import assert_model_unchanged, model_snapshot
 
 from captum_normgrad.evaluation import Preprocessing, VOCDataset, World, evaluate_dataset, shard
 
@@ -86,6 +87,7 @@ def test_a_stopped_run_resumes_without_recomputing(tmp_path, one_thread):
     root = write_voc(tmp_path / "voc")
     _run(root, tmp_path / "whole")
     model = voc_classifier()
+    before = model_snapshot(model)
     with pytest.raises(RuntimeError, match="injected failure"):
         _run(root, tmp_path / "resumed", CountingMethod(model, fail_after=2))
     (part,) = (tmp_path / "resumed" / "parts").iterdir()
@@ -93,6 +95,7 @@ def test_a_stopped_run_resumes_without_recomputing(tmp_path, one_thread):
         handle.write("000003,car,NormGrad,0,1.0,0.5")
     restarted = _run(root, tmp_path / "resumed", CountingMethod(model))
     assert restarted.calls == 3  # the two finished images are not explained again
+    assert_model_unchanged(model, before)
     assert _files(tmp_path / "resumed") == _files(tmp_path / "whole")
     assert (tmp_path / "resumed" / "curves.png").exists()
     again = _run(root, tmp_path / "resumed", CountingMethod(model))

@@ -10,6 +10,7 @@ one call.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from captum_normgrad._model_state import preserved_buffers
 from captum_normgrad.evaluation.dataset import EvaluationDataset, Example, read_image
 from captum_normgrad.evaluation.distributed import barrier, process_group, shard
 from captum_normgrad.evaluation.preprocess import Preprocessing, maps_at_original_size
@@ -79,7 +81,7 @@ def _columns(metrics: Sequence[str], difficult: bool) -> list[str]:
 
 
 def _check_outputs(model: nn.Module, inputs: Tensor, num_classes: int) -> None:
-    with torch.no_grad():
+    with torch.no_grad(), preserved_buffers([model]):
         outputs = model(inputs)
     if outputs.dim() != 2 or outputs.shape[1] != num_classes:
         raise ValueError(
@@ -220,9 +222,9 @@ def evaluate_dataset(
     ``out`` skips the pairs already written there.
 
     Args:
-        model: the classifier, in eval mode; its output ``k`` must be the data set's class ``k``.
-            Moved to nothing: put it on the device first (under torchrun with CUDA, GPU
-            ``LOCAL_RANK``; see :func:`~captum_normgrad.evaluation.process_group`).
+        model: the classifier, in eval mode, already on ``device`` (under torchrun with CUDA,
+            GPU ``LOCAL_RANK``); it is left as it was. Its output ``k`` must be the data set's
+            class ``k``.
         dataset: a :class:`~captum_normgrad.evaluation.VOCDataset`, ``COCODataset`` or
             ``ImageFolderDataset`` (the latter has no ground truth: deletion / insertion only).
         methods: display name -> a Captum-style method (``.attribute(inputs, target=...)``) or a
@@ -276,6 +278,12 @@ def evaluate_dataset(
         raise ValueError("give at least one method")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of images, got {limit}")
+    if model.training:
+        warnings.warn(
+            "the model is in training mode: dropout and batch statistics make the maps and "
+            "metrics noisy; call model.eval() first",
+            stacklevel=2,
+        )
     preprocessing = preprocessing or Preprocessing()
     flags = None
     if difficult_flags is not None:
