@@ -108,15 +108,19 @@ class _ImageEvaluator:
                 self.layer_names[name] = method_layer_names(method, model, len(layers))
         self.checked_outputs = False
 
+    def _pending(self, image_id: str, names: list[str], method: str, done: set) -> bool:
+        """Whether a method has a row left to compute on this image (unknown layers: yes)."""
+        layers = self.layer_names.get(method)
+        return layers is None or any(
+            (image_id, name, method, layer) not in done for name in names for layer in layers
+        )
+
     def rows(self, example: Example, done: set) -> list[dict[str, object]]:
+        """The rows of ``example`` not in ``done``; the image is not read when none is left."""
         classes = self.dataset.pair_classes(example)
         names = [self.dataset.classes[index] for index in classes]
-        if not classes or all(
-            (example.image_id, name, method, layer) in done
-            for method in self.methods
-            for name in names
-            for layer in self.layer_names.get(method, [None])
-        ):
+        pending = [m for m in self.methods if self._pending(example.image_id, names, m, done)]
+        if not classes or not pending:
             return []
         image = read_image(example)
         size = (int(image.shape[-2]), int(image.shape[-1]))
@@ -131,14 +135,8 @@ class _ImageEvaluator:
         if _NEEDS_GROUND_TRUTH & set(self.metrics):
             masks = torch.stack([self.dataset.class_mask(example, c, size) for c in classes])
         rows = []
-        for method_name, (method, kwargs) in self.methods.items():
-            layers = self.layer_names.get(method_name)
-            if layers is not None and all(
-                (example.image_id, name, method_name, layer) in done
-                for name in names
-                for layer in layers
-            ):
-                continue
+        for method_name in pending:
+            method, kwargs = self.methods[method_name]
             maps = call_method(method, batch, targets, kwargs)
             layers = method_layer_names(method, self.model, len(maps))
             self.layer_names[method_name] = layers
@@ -329,7 +327,9 @@ def evaluate_dataset(
         indices = shard(count, world)
         bar = tqdm(
             indices,
-            desc=f"evaluating ({world.world_size} process{'es' if world.world_size > 1 else ''})",
+            desc=f"evaluating (rank 0 of {world.world_size})"
+            if world.world_size > 1
+            else "evaluating",
             unit="img",
             disable=not (progress and world.is_main),
         )
