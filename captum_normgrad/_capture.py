@@ -3,6 +3,13 @@
 The forward hook hands the rest of the network a *clone* of the activation it records, so an in-place
 operation downstream (torchvision's ``ReLU(inplace=True)``, ResNet's ``out += identity``) cannot
 overwrite what was saved, and the saved tensor stays the one autograd differentiates against.
+
+Only the forward pass is recorded. Activation checkpointing re-runs a block during the backward pass
+and so fires the hooks again; once the caller marks the forward pass as over
+(:meth:`Capture.end_forward`), those calls pass through untouched, so records and counts stay those of
+the forward pass. A layer that ran with grad disabled (reentrant checkpointing, ``torch.no_grad()``
+inside the model) gets no gradient at all: :func:`attach_gradients` refuses it by name rather than
+returning the all-zero map it would otherwise give.
 """
 
 from __future__ import annotations
@@ -11,9 +18,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["LayerRecord", "capture_layers", "check_each_ran_once", "layer_name"]
+__all__ = [
+    "Capture",
+    "LayerRecord",
+    "attach_gradients",
+    "capture_layers",
+    "check_each_ran_once",
+    "layer_name",
+]
 
 
 @dataclass
@@ -31,6 +46,8 @@ class LayerRecord:
         evidence_sign: ``+1`` when the backpropagated quantity is a score to increase
             (``loss="output"``), ``-1`` when it is a loss to decrease, so that
             ``evidence_sign * gradient`` always points toward more evidence for the target.
+        grad_enabled: whether autograd was recording when the layer ran; without it no gradient
+            can reach the activation.
     """
 
     layer: nn.Module
@@ -40,6 +57,17 @@ class LayerRecord:
     layer_input: Tensor | None = None
     gradient: Tensor | None = None
     evidence_sign: int = 1
+    grad_enabled: bool = True
+
+
+class Capture(list):
+    """The records of one capture (a list, in layer order) and whether its forward pass is over."""
+
+    forward_over: bool = False
+
+    def end_forward(self) -> None:
+        """Stop recording: later calls of the layers (checkpoint recomputation) pass through."""
+        self.forward_over = True
 
 
 def layer_name(model: object, layer: nn.Module) -> str:
@@ -73,7 +101,7 @@ def capture_layers(
     *,
     at_input: bool,
     keep_layer_input: bool = False,
-) -> Iterator[list[LayerRecord]]:
+) -> Iterator[Capture]:
     """Record the activation of each layer during the forward passes run inside the block.
 
     Args:
@@ -83,16 +111,20 @@ def capture_layers(
         keep_layer_input: also keep each layer's first input (used by the convolution form).
 
     Yields:
-        One :class:`LayerRecord` per layer, in order, filled in as the forward pass runs.
+        A :class:`Capture`: one :class:`LayerRecord` per layer, in order, filled in as the forward
+        pass runs until :meth:`Capture.end_forward` is called.
 
     Every hook is removed when the block ends, also when it raises.
     """
-    records = [LayerRecord(layer, layer_name(model, layer)) for layer in layers]
+    records = Capture(LayerRecord(layer, layer_name(model, layer)) for layer in layers)
     handles = []
 
     def pre_hook(record: LayerRecord):
         def hook(module: nn.Module, args: tuple) -> tuple | None:
+            if records.forward_over:
+                return None
             record.calls += 1
+            record.grad_enabled = torch.is_grad_enabled()
             if not args:
                 raise TypeError(f"layer '{record.name}' was called without a positional input")
             if at_input:
@@ -107,7 +139,9 @@ def capture_layers(
         return hook
 
     def forward_hook(record: LayerRecord):
-        def hook(module: nn.Module, args: tuple, output: object) -> Tensor:
+        def hook(module: nn.Module, args: tuple, output: object) -> Tensor | None:
+            if records.forward_over:
+                return None
             record.activation = _grad_tracking(output, record.name, "output")
             return record.activation.clone()
 
@@ -138,3 +172,22 @@ def check_each_ran_once(records: Sequence[LayerRecord]) -> None:
                 "reused, like torchvision ResNet's shared `relu`); its activation is ambiguous. "
                 "Choose a module that runs once, e.g. the block's `bn`/`conv` or the block itself"
             )
+
+
+def attach_gradients(records: Sequence[LayerRecord], gradients: Sequence[Tensor | None]) -> None:
+    """Store each layer's gradient; a missing one is zero only where the loss truly ignores the layer.
+
+    ``torch.autograd.grad(..., allow_unused=True)`` gives ``None`` both for a layer the output does not
+    depend on (the map is then rightly zero) and for a layer that ran with grad disabled, whose
+    activation autograd never saw: that map would be zero for no reason, so it is an error.
+    """
+    for record, gradient in zip(records, gradients):
+        if gradient is None and not record.grad_enabled:
+            raise RuntimeError(
+                f"layer '{record.name}' ran with gradient recording disabled (reentrant activation "
+                "checkpointing, torch.utils.checkpoint(..., use_reentrant=True), or torch.no_grad() "
+                "inside the model), so no gradient reaches its activation and its map would be all "
+                "zeros. Use torch.utils.checkpoint.checkpoint(..., use_reentrant=False), or "
+                "attribute a layer outside the no-grad region"
+            )
+        record.gradient = torch.zeros_like(record.activation) if gradient is None else gradient

@@ -1,9 +1,12 @@
 """Leaving the user's model exactly as it was.
 
 Attribution never writes ``.grad`` (gradients come from ``torch.autograd.grad``) and never changes
-``training`` or ``requires_grad``. The one thing a forward pass itself changes is buffers: BatchNorm in
-train mode updates its running statistics and ``num_batches_tracked``. Those are restored in place
-after the call, also when it raises, so the model's tensors keep their identity.
+``training`` or ``requires_grad``. What a forward pass itself may change is module state: BatchNorm
+in train mode updates its running statistics in place, and a forward that does
+``self.ema = 0.9 * self.ema + ...`` or ``self.steps = self.steps + 1`` *rebinds* the buffer to a new
+tensor. Copying the saved values back into the old tensor would leave the module pointing at the new
+one, so both are restored after the call, also when it raises: every module gets back the very tensor
+objects it had (buffers and parameters, none added, none lost), and those hold their old values.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["models_behind", "preserved_buffers"]
 
@@ -30,18 +33,52 @@ def models_behind(forward_func: object, layers: Iterable[nn.Module]) -> list[nn.
     return list(layers)
 
 
+def _all_modules(modules: Iterable[nn.Module]) -> list[nn.Module]:
+    seen: dict[int, nn.Module] = {}
+    for module in modules:
+        for submodule in module.modules():
+            seen.setdefault(id(submodule), submodule)
+    return list(seen.values())
+
+
+def _restore_bindings(module: nn.Module, slot: str, saved: dict[str, Tensor | None]) -> None:
+    """Make ``module._buffers`` / ``module._parameters`` hold exactly the saved objects again."""
+    current = getattr(module, slot)
+    for name in [name for name in current if name not in saved]:
+        del current[name]  # added by the call
+    for name, tensor in saved.items():
+        if name not in current or current[name] is not tensor:
+            current[name] = tensor
+
+
 @contextmanager
 def preserved_buffers(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Restore every buffer of ``modules`` bitwise when the block ends, also when it raises."""
-    saved = {}
-    for module in modules:
-        for buffer in module.buffers():
-            if id(buffer) not in saved:
-                saved[id(buffer)] = (buffer, buffer.detach().clone())
+    """Restore the state of ``modules`` (and their submodules) when the block ends, also when it
+    raises: buffer and parameter bindings by identity, buffer values bitwise, in place."""
+    modules = _all_modules(modules)
+    bindings = [
+        (
+            module,
+            dict(module._buffers),
+            dict(module._parameters),
+            set(module._non_persistent_buffers_set),
+        )
+        for module in modules
+    ]
+    values: dict[int, tuple[Tensor, Tensor]] = {}
+    for _, buffers, _, _ in bindings:
+        for buffer in buffers.values():
+            if buffer is not None and id(buffer) not in values:
+                values[id(buffer)] = (buffer, buffer.detach().clone())
     try:
         yield
     finally:
+        for module, buffers, parameters, non_persistent in bindings:
+            _restore_bindings(module, "_buffers", buffers)
+            _restore_bindings(module, "_parameters", parameters)
+            module._non_persistent_buffers_set.clear()
+            module._non_persistent_buffers_set.update(non_persistent)
         with torch.no_grad():
-            for buffer, snapshot in saved.values():
+            for buffer, snapshot in values.values():
                 if not torch.equal(buffer, snapshot):
                     buffer.copy_(snapshot)

@@ -17,6 +17,7 @@ Three choices, named by the ``loss`` argument of every method:
 from __future__ import annotations
 
 from collections.abc import Callable
+from numbers import Integral
 from typing import Literal
 
 import torch
@@ -25,9 +26,53 @@ from torch import Tensor
 
 from captum_normgrad._captum import TargetType, select_targets
 
-__all__ = ["LossSpec", "class_labels", "per_example_loss"]
+__all__ = ["LossSpec", "check_target_form", "class_labels", "per_example_loss"]
 
 LossSpec = Literal["cross_entropy", "output"] | Callable[[Tensor, TargetType], Tensor]
+
+_TARGET_FORMS = (
+    "None, an int, a tuple of ints (loss='output'), a list of them (one per example) or an "
+    "integer tensor"
+)
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_index_tuple(value: object) -> bool:
+    return isinstance(value, tuple) and all(_is_index(v) for v in value)
+
+
+def check_target_form(target: TargetType) -> None:
+    """Refuse a ``target`` of a type no loss can take, naming the argument (before PyTorch's own
+    messages, such as ``new(): invalid data type 'str'``, would).
+
+    Raises:
+        TypeError: ``target`` (or an entry of a list) is not an index, a tuple of them or a tensor.
+        ValueError: a tensor ``target`` that does not hold integers.
+    """
+    if target is None or _is_index(target) or _is_index_tuple(target):
+        return
+    if isinstance(target, Tensor):
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise ValueError(
+                f"target must hold integer class indices, got a tensor of dtype {target.dtype}; "
+                "convert it with target.long() if its values are indices"
+            )
+        return
+    if isinstance(target, list):
+        for entry in target:
+            if not (_is_index(entry) or _is_index_tuple(entry)):
+                raise TypeError(
+                    f"target must be {_TARGET_FORMS}; got a list holding {type(entry).__name__} "
+                    f"({entry!r}). Map class names to indices first"
+                )
+        return
+    raise TypeError(
+        f"target must be {_TARGET_FORMS}; got {type(target).__name__} ({target!r}). "
+        "Map class names to indices first"
+    )
 
 
 def class_labels(outputs: Tensor, target: TargetType) -> Tensor:
@@ -50,6 +95,7 @@ def class_labels(outputs: Tensor, target: TargetType) -> Tensor:
             f"{tuple(outputs.shape)}; pass loss='output' (Captum's convention) or a callable "
             "loss(outputs, target) -> per-example losses"
         )
+    check_target_form(target)
     num_examples, num_classes = outputs.shape
     if target is None:
         return outputs.detach().argmax(dim=1)
@@ -58,15 +104,10 @@ def class_labels(outputs: Tensor, target: TargetType) -> Tensor:
             f"cross-entropy needs one class index per example, got target={target!r}; "
             "tuple targets index multi-dimensional outputs (use loss='output')"
         )
-    if isinstance(target, int):
+    if _is_index(target):
         labels = torch.full((num_examples,), target, dtype=torch.long, device=outputs.device)
     else:
-        if isinstance(target, list) and any(not isinstance(t, int) for t in target):
-            raise ValueError(f"target list must hold integer class indices, got {target!r}")
-        labels = torch.as_tensor(target, device=outputs.device)
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"target must hold integer class indices, got dtype {labels.dtype}")
-        labels = labels.long()
+        labels = torch.as_tensor(target, device=outputs.device).long()
         if labels.numel() == 1:
             labels = labels.reshape(1).expand(num_examples)
         elif labels.dim() != 1 or labels.numel() != num_examples:
@@ -148,6 +189,7 @@ def per_example_loss(outputs: Tensor, target: TargetType, loss: LossSpec) -> Ten
             )
         return F.cross_entropy(outputs, class_labels(outputs, target), reduction="none")
     if loss == "output":
+        check_target_form(target)
         return _selected_outputs(outputs, target)
     if callable(loss):
         losses = loss(outputs, target)

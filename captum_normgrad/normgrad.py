@@ -13,6 +13,7 @@ for the activation ``x`` there, at every depth, from one forward and one backwar
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 from captum.attr import GradientAttribution, LayerAttribution
@@ -22,9 +23,15 @@ from captum_normgrad._captum import (
     TargetType,
     format_additional_forward_args,
     format_inputs,
+    log_usage,
     run_forward,
 )
-from captum_normgrad._capture import LayerRecord, capture_layers, check_each_ran_once
+from captum_normgrad._capture import (
+    LayerRecord,
+    attach_gradients,
+    capture_layers,
+    check_each_ran_once,
+)
 from captum_normgrad._model_state import models_behind, preserved_buffers
 from captum_normgrad.losses import LossSpec, per_example_loss
 
@@ -32,8 +39,15 @@ __all__ = ["LayerNormGrad", "LayerNormGradSelective", "channel_norm"]
 
 
 def channel_norm(tensor: Tensor) -> Tensor:
-    """The Euclidean norm over channels (dim 1) at every location: ``(N, C, *S) -> (N, 1, *S)``."""
-    return torch.linalg.vector_norm(tensor, dim=1, keepdim=True)
+    """The Euclidean norm over channels (dim 1) at every location: ``(N, C, *S) -> (N, 1, *S)``.
+
+    Scaled by the location's largest ``|x|`` first, so that activations near ``1e19`` (whose squares
+    overflow float32) still give their finite norm. The scale is a constant for autograd:
+    ``s * ||x / s||`` has the gradient of ``||x||`` for any fixed ``s``.
+    """
+    scale = tensor.detach().abs().amax(dim=1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.linalg.vector_norm(tensor / scale, dim=1, keepdim=True) * scale
 
 
 def check_finite_inputs(inputs: tuple[Tensor, ...]) -> None:
@@ -43,6 +57,18 @@ def check_finite_inputs(inputs: tuple[Tensor, ...]) -> None:
             raise TypeError(f"input {index} is a {type(tensor).__name__}, not a tensor")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"input {index} contains NaN or infinite values")
+
+
+def check_finite_map(layer_map: Tensor, record: LayerRecord) -> Tensor:
+    """Inputs were finite, so a NaN or infinite map is an overflow: refuse it, never return it."""
+    if not torch.isfinite(layer_map).all():
+        raise RuntimeError(
+            f"the map of layer '{record.name}' is not finite although the inputs are: its "
+            f"activation or gradient overflows {layer_map.dtype}. Attribute in float64 "
+            "(model.double() and double inputs), at a layer with smaller activations, or (order 1) "
+            "with a smaller eps"
+        )
+    return layer_map
 
 
 class LayerNormGrad(LayerAttribution, GradientAttribution):
@@ -106,6 +132,14 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
         """The one step a variant overrides: a record's activation and gradient -> ``(N, 1, *S)``."""
         return channel_norm(record.activation) * channel_norm(record.gradient)
 
+    def _maps(self, records: Sequence[LayerRecord], create_graph: bool = False) -> list[Tensor]:
+        """Every record's map, checked finite; differentiable (also under the caller's
+        ``torch.no_grad()``) when ``create_graph``, detached otherwise."""
+        with torch.enable_grad() if create_graph else nullcontext():
+            maps = [check_finite_map(self._layer_map(record), record) for record in records]
+        return maps if create_graph else [layer_map.detach() for layer_map in maps]
+
+    @log_usage(part_of_slo=True)
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],
@@ -137,15 +171,17 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
             activations); a list in the given order when ``layer`` was a list.
 
         Raises:
-            ValueError: non-finite inputs, a target or loss that does not fit the outputs.
-            RuntimeError: a layer that never ran, or ran more than once in the forward pass.
+            ValueError: ``inputs`` is None, non-finite inputs, a target or loss that does not fit
+                the outputs.
+            TypeError: ``inputs`` is not a tensor or tuple of tensors (a list, a NumPy array), a
+                target of the wrong type.
+            RuntimeError: a layer that never ran, ran more than once in the forward pass, or ran
+                with grad disabled (reentrant checkpointing); a map that overflows the dtype.
         """
         records = self._layer_records(
             inputs, target, additional_forward_args, attribute_to_layer_input, loss, create_graph
         )
-        maps = [self._layer_map(record) for record in records]
-        if not create_graph:
-            maps = [layer_map.detach() for layer_map in maps]
+        maps = self._maps(records, create_graph)
         return maps if self._returns_list else maps[0]
 
     def _layer_records(
@@ -178,6 +214,7 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
             ) as records,
         ):
             outputs = run_forward(self.forward_func, inputs, None, additional_forward_args)
+            records.end_forward()
             check_each_ran_once(records)
             total_loss = per_example_loss(outputs, target, loss).sum()
             gradients = torch.autograd.grad(
@@ -186,8 +223,8 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
                 create_graph=create_graph,
                 allow_unused=True,
             )
-        for record, gradient in zip(records, gradients):
-            record.gradient = torch.zeros_like(record.activation) if gradient is None else gradient
+        attach_gradients(records, gradients)
+        for record in records:
             record.evidence_sign = 1 if loss == "output" else -1
             if not create_graph:
                 record.activation = record.activation.detach()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_normgrad._captum import TargetType
+from captum_normgrad._captum import TargetType, log_usage
 from captum_normgrad._capture import LayerRecord
 from captum_normgrad.losses import LossSpec
 from captum_normgrad.normgrad import LayerNormGrad
@@ -142,6 +142,7 @@ class LayerNormGradConv(LayerNormGrad):
                     f"{type(layer).__name__}; use LayerNormGrad (virtual 1x1 identity) elsewhere"
                 )
 
+    @log_usage(part_of_slo=True)
     def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],

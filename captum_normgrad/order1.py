@@ -35,6 +35,7 @@ from captum_normgrad._captum import (
     TargetType,
     format_additional_forward_args,
     format_inputs,
+    log_usage,
     run_forward,
 )
 from captum_normgrad._capture import LayerRecord, capture_layers, check_each_ran_once
@@ -160,6 +161,7 @@ class LayerNormGradOrder1(LayerNormGrad):
         corrected gradient ``g(theta') - lr H v``. Descending the loss: ``lr = eps``."""
         return eps
 
+    @log_usage(part_of_slo=True)
     def attribute(  # type: ignore[override]  # order-1 hyperparameters instead of create_graph
         self,
         inputs: Tensor | tuple[Tensor, ...],
@@ -224,7 +226,7 @@ class LayerNormGradOrder1(LayerNormGrad):
             batch_mode=batch_mode,
             chunk_size=chunk_size,
         )
-        maps = [self._layer_map(record) for record in records]
+        maps = self._maps(records)
         return maps if self._returns_list else maps[0]
 
     def _probe(
