@@ -6,6 +6,7 @@ from captum_normgrad.losses import per_example_loss
 from captum_normgrad.normgrad import LayerNormGrad, LayerNormGradSelective
 from captum_normgrad.normgrad_conv import LayerNormGradConv
 from captum_normgrad.order1 import LayerNormGradAdversarial, LayerNormGradOrder1
+from captum_normgrad.reshape import TokensToGrid, channels_last_to_first, tokens_to_grid
 
 __all__ = [
     "LayerNormGrad",
@@ -13,9 +14,12 @@ __all__ = [
     "LayerNormGradConv",
     "LayerNormGradOrder1",
     "LayerNormGradSelective",
+    "TokensToGrid",
+    "channels_last_to_first",
     "combine_layer_maps",
     "normalize_per_example",
     "per_example_loss",
+    "tokens_to_grid",
     "upsample_maps",
 ]
 

@@ -32,6 +32,7 @@ from captum_normgrad._capture import (
     capture_layers,
     check_each_ran_once,
 )
+from captum_normgrad._layouts import ReshapeTransform, resolve_layouts
 from captum_normgrad._model_state import models_behind, preserved_buffers
 from captum_normgrad.losses import LossSpec, per_example_loss
 
@@ -85,6 +86,14 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
             from ONE forward and ONE backward pass.
         device_ids: accepted for signature parity with Captum's layer methods; ``DataParallel``
             models are not supported.
+        reshape_transform: turns a layer's activation into ``(N, C, *S)``, channels first
+            (pytorch-grad-cam's name and meaning), applied alike to the activation and its
+            gradient before the norms: :class:`~captum_normgrad.TokensToGrid` for ViT tokens,
+            :func:`~captum_normgrad.channels_last_to_first` for Swin / ConvNeXt internals. One
+            callable for every layer or a list with one per layer. ``None`` (default) reads the
+            layout from a torchvision ViT, Swin or ConvNeXt, and otherwise refuses, at call time,
+            an activation whose channels look last (``nn.Linear``, ``nn.LayerNorm``, attention)
+            instead of returning a map over the wrong axis.
 
     Example:
         >>> import torchvision
@@ -106,6 +115,7 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
         forward_func: Callable[..., Tensor],
         layer: nn.Module | Sequence[nn.Module],
         device_ids: list[int] | None = None,
+        reshape_transform: ReshapeTransform | Sequence[ReshapeTransform | None] | None = None,
     ) -> None:
         if device_ids is not None or isinstance(forward_func, nn.DataParallel):
             raise NotImplementedError(
@@ -119,6 +129,7 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
         for module in layers:
             if not isinstance(module, nn.Module):
                 raise TypeError(f"layer must be an nn.Module or a list of them, got {module!r}")
+        self.layouts = resolve_layouts(forward_func, layers, reshape_transform)
         self._check_layers(layers)
         LayerAttribution.__init__(self, forward_func, layer, device_ids)
         GradientAttribution.__init__(self, forward_func)
@@ -126,11 +137,20 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
         self._returns_list = is_list
 
     def _check_layers(self, layers: list[nn.Module]) -> None:
-        """Hook for variants that only accept some module types."""
+        """Hook for variants that only accept some module types (``self.layouts`` is set)."""
 
     def _layer_map(self, record: LayerRecord) -> Tensor:
-        """The one step a variant overrides: a record's activation and gradient -> ``(N, 1, *S)``."""
-        return channel_norm(record.activation) * channel_norm(record.gradient)
+        """A record's activation and gradient, moved to ``(N, C, *S)`` by the layer's reshape
+        transform (the same for both), then the variant's norm step."""
+        layout = self.layouts[self.layers.index(record.layer)]
+        layout.check_patches_reach_loss(record.gradient)
+        activation = layout.channels_first(record.activation)
+        gradient = layout.channels_first(record.gradient)
+        return self._norm_map(activation, gradient, record.evidence_sign)
+
+    def _norm_map(self, activation: Tensor, gradient: Tensor, evidence_sign: int) -> Tensor:
+        """The one step a variant overrides: channels-first ``x`` and ``g`` -> ``(N, 1, *S)``."""
+        return channel_norm(activation) * channel_norm(gradient)
 
     def _maps(self, records: Sequence[LayerRecord], create_graph: bool = False) -> list[Tensor]:
         """Every record's map, checked finite; differentiable (also under the caller's
@@ -241,6 +261,5 @@ class LayerNormGradSelective(LayerNormGrad):
     contribution the training step reinforces. Same arguments as :class:`LayerNormGrad`.
     """
 
-    def _layer_map(self, record: LayerRecord) -> Tensor:
-        toward_target = record.evidence_sign * record.gradient
-        return channel_norm(torch.relu(record.activation * toward_target))
+    def _norm_map(self, activation: Tensor, gradient: Tensor, evidence_sign: int) -> Tensor:
+        return channel_norm(torch.relu(activation * (evidence_sign * gradient)))

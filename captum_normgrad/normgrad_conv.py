@@ -22,7 +22,7 @@ from captum_normgrad._capture import LayerRecord
 from captum_normgrad.losses import LossSpec
 from captum_normgrad.normgrad import LayerNormGrad
 
-__all__ = ["LayerNormGradConv", "conv_normgrad_map"]
+__all__ = ["LayerNormGradConv", "conv_normgrad_map", "linear_normgrad_scores"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -116,14 +116,31 @@ def conv_normgrad_map(conv: nn.Module, layer_input: Tensor, output_gradient: Ten
     return _onto_unpadded(conv, layer_input, on_padded)
 
 
-class LayerNormGradConv(LayerNormGrad):
-    r"""NormGrad on a real ``nn.Conv1d/2d/3d``: per-location ``||patch_u|| * ||g_u||``, accumulated
-    onto every input pixel of the patch (the paper's "general filter shapes").
+def linear_normgrad_scores(layer_input: Tensor, output_gradient: Tensor) -> Tensor:
+    """Per-token ``||x_in,t|| * ||g_out,t||`` of an ``nn.Linear``: ``(N, *S, C) -> (N, *S)``.
 
-    Unlike :class:`LayerNormGrad`, which inserts a virtual 1x1 identity, this scores the convolution's
-    own weight-gradient terms, so the map is at the convolution's *input* resolution and reflects its
-    kernel, stride, dilation and groups. ``attribute_to_layer_input`` does not apply. Same arguments
-    as :class:`LayerNormGrad` otherwise; ``layer`` must be one or more convolutions.
+    A ``Linear`` applied to every token is a 1x1 convolution over the tokens: its weight gradient
+    is the sum over tokens ``t`` of ``g_out,t x_in,t^T``, whose Frobenius norm is this product.
+    """
+    input_norm = torch.linalg.vector_norm(layer_input, dim=-1)
+    return input_norm * torch.linalg.vector_norm(output_gradient, dim=-1)
+
+
+class LayerNormGradConv(LayerNormGrad):
+    r"""NormGrad on a layer's own weight: a real ``nn.Conv1d/2d/3d`` (per-location
+    ``||patch_u|| * ||g_u||``, accumulated onto every input pixel of the patch, the paper's "general
+    filter shapes") or an ``nn.Linear`` applied per token (``||x_in,t|| * ||g_out,t||``).
+
+    Unlike :class:`LayerNormGrad`, which inserts a virtual 1x1 identity, this scores the layer's own
+    weight-gradient terms, so a convolution's map is at its *input* resolution and reflects its
+    kernel, stride, dilation and groups. A per-token ``Linear`` (a transformer's MLP or projection)
+    is a 1x1 convolution over tokens, hence its place here: its map is one score per token, laid on
+    the grid by the layer's reshape transform (chosen from a torchvision ViT / Swin, or given), and
+    a ``Linear`` on ``(N, C)`` gives ``(N, 1)``. It is the exact form of the paper for that layer,
+    where :class:`LayerNormGrad` at the ``Linear`` would use its output instead of its input.
+    ``attribute_to_layer_input`` does not apply. Same arguments as :class:`LayerNormGrad`
+    otherwise; ``layer`` must be one or more convolutions or linear layers, and
+    ``reshape_transform`` concerns only the linear ones (a convolution is channels first).
 
     Example:
         >>> model = torchvision.models.vgg16().eval()
@@ -136,10 +153,16 @@ class LayerNormGradConv(LayerNormGrad):
 
     def _check_layers(self, layers: list[nn.Module]) -> None:
         for layer in layers:
-            if not isinstance(layer, _CONV_TYPES):
+            if not isinstance(layer, (*_CONV_TYPES, nn.Linear)):
                 raise TypeError(
-                    f"LayerNormGradConv needs nn.Conv1d, nn.Conv2d or nn.Conv3d layers, got "
-                    f"{type(layer).__name__}; use LayerNormGrad (virtual 1x1 identity) elsewhere"
+                    f"LayerNormGradConv needs nn.Conv1d, nn.Conv2d, nn.Conv3d or nn.Linear layers, "
+                    f"got {type(layer).__name__}; use LayerNormGrad (virtual 1x1 identity) elsewhere"
+                )
+        for module, layout in zip(layers, self.layouts):
+            if isinstance(module, _CONV_TYPES) and layout.transform is not None:
+                raise ValueError(
+                    f"layer '{layout.name}' is a convolution, channels first by definition, but "
+                    "has a reshape_transform; give a list with None for the convolutions"
                 )
 
     @log_usage(part_of_slo=True)
@@ -162,4 +185,11 @@ class LayerNormGradConv(LayerNormGrad):
     attribute.__doc__ = LayerNormGrad.attribute.__doc__
 
     def _layer_map(self, record: LayerRecord) -> Tensor:
-        return conv_normgrad_map(record.layer, record.layer_input, record.gradient)
+        if isinstance(record.layer, _CONV_TYPES):
+            return conv_normgrad_map(record.layer, record.layer_input, record.gradient)
+        scores = linear_normgrad_scores(record.layer_input, record.gradient)
+        if scores.dim() == 1:
+            return scores[:, None]
+        layout = self.layouts[self.layers.index(record.layer)]
+        layout.check_patches_reach_loss(record.gradient)
+        return layout.channels_first(scores[..., None])

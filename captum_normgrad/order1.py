@@ -23,13 +23,15 @@ highlights what degrades the model.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from numbers import Real
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from captum_normgrad._captum import (
     TargetType,
@@ -39,6 +41,7 @@ from captum_normgrad._captum import (
     run_forward,
 )
 from captum_normgrad._capture import LayerRecord, capture_layers, check_each_ran_once
+from captum_normgrad._layouts import ReshapeTransform
 from captum_normgrad._model_state import models_behind, preserved_buffers
 from captum_normgrad._order1_batching import Batch, BatchMode, choose_batch_mode, run_examples
 from captum_normgrad._order1_batching import is_per_example as _is_per_example
@@ -127,6 +130,8 @@ class LayerNormGradOrder1(LayerNormGrad):
             ``theta``.
         layer: a module inside the model, or a list of them (a list of maps, from the same passes).
         device_ids: not supported, as for :class:`LayerNormGrad`.
+        reshape_transform: as for :class:`LayerNormGrad`; applied to the activation and the
+            corrected gradient of every example alike.
 
     Example:
         >>> import torchvision
@@ -145,8 +150,9 @@ class LayerNormGradOrder1(LayerNormGrad):
         forward_func: Callable[..., Tensor],
         layer: nn.Module | Sequence[nn.Module],
         device_ids: list[int] | None = None,
+        reshape_transform: ReshapeTransform | Sequence[ReshapeTransform | None] | None = None,
     ) -> None:
-        super().__init__(forward_func, layer, device_ids)
+        super().__init__(forward_func, layer, device_ids, reshape_transform)
         self.model = _model_of(forward_func)
         inside = {id(module) for module in self.model.modules()}
         for module in self.layers:
@@ -324,7 +330,7 @@ class LayerNormGradOrder1(LayerNormGrad):
         zeros = [
             record.activation.new_zeros((1, *record.activation.shape[1:])) for record in records
         ]
-        with torch.enable_grad():
+        with torch.enable_grad(), _differentiable_attention(exact_hvp or mode == "vmap"):
             activations, corrected = run_examples(
                 loss_fn, theta, zeros, batch, mode, chunk, learning_rate, h_scale, exact_hvp
             )
@@ -332,6 +338,25 @@ class LayerNormGradOrder1(LayerNormGrad):
             record.activation = activation
             record.gradient = gradient
         return records
+
+
+@contextmanager
+def _differentiable_attention(math_kernel: bool) -> Iterator[None]:
+    """Attention that torch.func can differentiate, for the passes only (restored after).
+
+    ``nn.MultiheadAttention`` in eval mode takes a fused inference kernel when it sees no autograd,
+    which is what torch.func's wrapped tensors look like to it: the fast path is switched off so
+    it runs through ``scaled_dot_product_attention``. The fused SDPA kernels (flash, memory
+    efficient) have no forward-mode derivative and no vmap batching rule, so the exact HVP
+    (``jvp``) and the vmapped passes use the math kernel.
+    """
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH) if math_kernel else nullcontext():
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def _callable_loss(loss: Callable[[Tensor, TargetType], Tensor]) -> Callable:

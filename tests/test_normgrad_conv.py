@@ -118,9 +118,9 @@ def test_one_by_one_conv_equals_the_virtual_identity_on_its_input():
 
 
 def test_non_conv_layer_is_refused_by_type():
-    model = nn.Sequential(nn.Linear(3, 3))
-    with pytest.raises(TypeError, match="Linear"):
-        LayerNormGradConv(model, model[0])
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    with pytest.raises(TypeError, match="ReLU"):
+        LayerNormGradConv(model, model[1])
     with pytest.raises(TypeError, match="ConvTranspose2d"):
         LayerNormGradConv(model, nn.ConvTranspose2d(2, 2, 3))
 

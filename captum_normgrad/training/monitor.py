@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from captum_normgrad._capture import layer_name
+from captum_normgrad._layouts import ReshapeTransform, resolve_layouts
 from captum_normgrad.normgrad import channel_norm
 
 __all__ = ["MonitoredStep", "NormGradMonitor", "monitor_paused"]
@@ -108,6 +109,9 @@ class NormGradMonitor:
             default) multiplies the maps by the batch size to undo the ``1/N`` in the gradient,
             so maps equal those of ``LayerNormGrad`` with the loss summed, whatever the batch
             size; ``"sum"`` leaves them as they are.
+        reshape_transform: as for :class:`~captum_normgrad.LayerNormGrad` (applied to the
+            activation and its gradient alike; by default read from a torchvision ViT / Swin /
+            ConvNeXt, and an activation whose channels look last is refused).
 
     Raises:
         ValueError: bad arguments, or a layer that is not a submodule of ``model``.
@@ -134,6 +138,7 @@ class NormGradMonitor:
         callback: Callable[[MonitoredStep], None] | None = None,
         history: int = 1,
         loss_reduction: Literal["mean", "sum"] = "mean",
+        reshape_transform: ReshapeTransform | Sequence[ReshapeTransform | None] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -152,6 +157,7 @@ class NormGradMonitor:
         self.model = model
         self.layers = layers
         self.names = [layer_name(model, layer) for layer in layers]
+        self.layouts = resolve_layouts(model, layers, reshape_transform)
         self.every = every
         self.callback = callback
         self.loss_reduction = loss_reduction
@@ -249,7 +255,8 @@ class NormGradMonitor:
             _check_output(output, args, name)
             # Taken now, before any in-place operation downstream can change the activation; the
             # gradient hook below likewise receives the gradient of the value seen here.
-            pending.activation_norms[index] = channel_norm(output.detach())
+            layout = self.layouts[index]
+            pending.activation_norms[index] = channel_norm(layout.channels_first(output.detach()))
             pending.handles.append(output.register_hook(self._gradient_hook(pending, index)))
 
         return hook
@@ -274,7 +281,9 @@ class NormGradMonitor:
                 return
             with torch.no_grad():
                 activation_norm = pending.activation_norms[index]
-                layer_map = activation_norm * channel_norm(gradient.detach())
+                layout = self.layouts[index]
+                layout.check_patches_reach_loss(gradient)
+                layer_map = activation_norm * channel_norm(layout.channels_first(gradient.detach()))
                 if self.loss_reduction == "mean":
                     layer_map = layer_map * activation_norm.shape[0]
             pending.maps[index] = layer_map
