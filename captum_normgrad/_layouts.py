@@ -95,13 +95,13 @@ class Layout:
         shape = tuple(tensor.shape)
         if tensor.dim() == 3:
             fix = (
-                "for ViT tokens (N, T, C) pass reshape_transform=TokensToGrid(num_prefix_tokens=1) "
+                "For ViT tokens (N, T, C) pass reshape_transform=TokensToGrid(num_prefix_tokens=1) "
                 "(the class token; 0 without one, 2 for DeiT, 5 with 4 registers; grid_size=(h, w) "
                 "for a non-square grid); a sequence-first (T, N, C) layer (batch_first=False) "
                 "needs a transform that also moves the batch first"
             )
         else:
-            fix = "for channels-last (N, H, W, C) pass reshape_transform=channels_last_to_first"
+            fix = "For channels-last (N, H, W, C) pass reshape_transform=channels_last_to_first"
         return (
             f"layer '{self.name}' has an activation of shape {shape} whose channels look last "
             "(it is or sits among modules acting on the last dim); NormGrad's norms run over "
