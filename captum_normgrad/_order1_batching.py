@@ -3,8 +3,8 @@
 Every example gets its own inner step, so a batch cannot share one set of stepped parameters. Two
 ways to run it give the same maps:
 
-- ``"loop"``: the passes on each example alone (batch dimension 1). Memory: one copy of the
-  parameters at a time.
+- ``"loop"``: the passes on each example alone (batch dimension 1), plain autograd
+  (:mod:`captum_normgrad._order1_loop`). Memory: two copies of the parameters at a time.
 - ``"vmap"``: ``torch.func.vmap`` over a chunk of examples; each convolution runs once per pass with
   per-example weights. Memory: about :data:`PARAMETER_COPIES_PER_EXAMPLE` copies of the trainable
   parameters per example in the chunk, so the chunk is sized to fit.
@@ -28,7 +28,8 @@ __all__ = [
     "BatchMode",
     "choose_batch_mode",
     "is_per_example",
-    "run_examples",
+    "run_vmapped",
+    "target_of_example",
 ]
 
 BatchMode = Literal["auto", "loop", "vmap"]
@@ -61,7 +62,7 @@ class Batch:
     buffers: dict[str, Tensor]
 
 
-def _target_of_example(target: object, index: int, num_examples: int) -> object:
+def target_of_example(target: object, index: int, num_examples: int) -> object:
     if is_per_example(target, num_examples):
         return target[index : index + 1]
     if isinstance(target, list) and len(target) == num_examples and num_examples > 1:
@@ -92,6 +93,7 @@ def choose_batch_mode(
     device: torch.device,
     parameter_bytes: int,
     callable_loss: bool,
+    vmap_refusal: str | None = None,
 ) -> tuple[Literal["loop", "vmap"], int]:
     """The mode and the number of examples per vmapped call.
 
@@ -99,6 +101,8 @@ def choose_batch_mode(
     CPU, where the benchmark measured 0.8-0.9x the loop's throughput at 6x its memory (ResNet-18,
     batch 8: one-example convolutions already keep the cores busy). A callable loss also takes the
     loop: it would have to be written for ``vmap``. The chunk fits :func:`_memory_budget`.
+    ``vmap_refusal`` names what torch.func cannot run in this model (a full backward hook):
+    ``"vmap"`` is then refused and ``"auto"`` takes the loop.
     """
     if batch_mode not in ("auto", "loop", "vmap"):
         raise ValueError(f"batch_mode must be 'auto', 'loop' or 'vmap', got {batch_mode!r}")
@@ -106,7 +110,12 @@ def choose_batch_mode(
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    if batch_mode == "loop":
+    if batch_mode == "vmap" and vmap_refusal is not None:
+        raise ValueError(
+            f"batch_mode='vmap' runs the passes under torch.func.vmap, which cannot run this model: "
+            f"{vmap_refusal}. Use batch_mode='loop' (same maps)"
+        )
+    if batch_mode == "loop" or vmap_refusal is not None:
         return "loop", 1
     if chunk_size is None:
         per_example = PARAMETER_COPIES_PER_EXAMPLE * parameter_bytes
@@ -115,26 +124,6 @@ def choose_batch_mode(
     if batch_mode == "auto" and (device.type != "cuda" or callable_loss or chunk_size == 1):
         return "loop", 1
     return "vmap", chunk_size
-
-
-def _loop(
-    loss_fn: ExampleLoss, theta: Parameters, zeros: Sequence[Tensor], batch: Batch, settings: dict
-) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
-    num_examples = batch.inputs[0].shape[0]
-    activations, corrected = [], []
-    for index in range(num_examples):
-        example = {
-            "inputs": tuple(x[index : index + 1] for x in batch.inputs),
-            "args": tuple(a[index : index + 1] for a in batch.per_example_args),
-            "target": _target_of_example(batch.target, index, num_examples),
-            "buffers": batch.buffers,
-        }
-        example_activations, example_corrected = example_terms(
-            loss_fn, theta, zeros, example, **settings
-        )
-        activations.append(example_activations)
-        corrected.append(example_corrected)
-    return activations, corrected
 
 
 def _vmapped(
@@ -175,12 +164,11 @@ def _vmapped(
     return activations, corrected
 
 
-def run_examples(
+def run_vmapped(
     loss_fn: ExampleLoss,
     theta: Parameters,
     zeros: Sequence[Tensor],
     batch: Batch,
-    mode: Literal["loop", "vmap"],
     chunk_size: int,
     learning_rate: float,
     h_scale: float,
@@ -188,11 +176,7 @@ def run_examples(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Per layer, ``x(theta')`` and the corrected gradient for the whole batch, ``(N, C, *S)``."""
     settings = {"learning_rate": learning_rate, "h_scale": h_scale, "exact_hvp": exact_hvp}
-    if mode == "loop":
-        pieces = _loop(loss_fn, theta, zeros, batch, settings)
-    else:
-        pieces = _vmapped(loss_fn, theta, zeros, batch, settings, chunk_size)
-    activations, corrected = pieces
-    per_layer_activations = [torch.cat(parts) for parts in zip(*activations)]
-    per_layer_corrected = [torch.cat(parts) for parts in zip(*corrected)]
-    return per_layer_activations, per_layer_corrected
+    activations, corrected = _vmapped(loss_fn, theta, zeros, batch, settings, chunk_size)
+    return [torch.cat(parts) for parts in zip(*activations)], [
+        torch.cat(parts) for parts in zip(*corrected)
+    ]

@@ -1,8 +1,8 @@
-"""The passes of NormGrad order 1 for ONE example, as pure functions of the parameters.
+"""The passes of NormGrad order 1 for ONE example, as pure functions of the parameters, for vmap.
 
-Written with ``torch.func`` so that one code path serves both batch modes: called on one example
-(batch dimension 1) it is the per-example loop; wrapped in ``torch.func.vmap`` it runs a chunk of
-examples at once, each with its own inner step. The parameters are only ever arguments of
+Written with ``torch.func`` so that ``torch.func.vmap`` can run a chunk of examples at once, each
+with its own inner step (``batch_mode="vmap"``; the per-example loop is the plain-autograd
+:mod:`captum_normgrad._order1_loop`). The parameters are only ever arguments of
 ``torch.func.functional_call``: the user's module is never stepped, so an exception mid-way has
 nothing to undo.
 
@@ -20,7 +20,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
-__all__ = ["PER_EXAMPLE", "ExampleLoss", "ForwardCaller", "Parameters", "example_terms"]
+__all__ = [
+    "PER_EXAMPLE",
+    "ExampleLoss",
+    "ForwardCaller",
+    "Parameters",
+    "example_terms",
+    "step_size",
+]
 
 Parameters = dict[str, Tensor]
 
@@ -134,7 +141,7 @@ class ExampleLoss:
         return self.loss(outputs, example["target"]).sum(), activations
 
 
-def _step_size(direction: Parameters, h_scale: float) -> Tensor:
+def step_size(direction: Parameters, h_scale: float) -> Tensor:
     """The paper's finite-difference step ``h = h_scale / ||direction||_2`` (all parameters as one
     vector). A zero direction gives a zero Hessian-vector product for any finite ``h``."""
     norm = torch.linalg.vector_norm(
@@ -143,14 +150,10 @@ def _step_size(direction: Parameters, h_scale: float) -> Tensor:
     return torch.where(norm > 0, h_scale / norm, torch.full_like(norm, h_scale))
 
 
-def _move_to(
-    buffer: Parameters, theta: Parameters, direction: Parameters, step: Tensor
-) -> Parameters:
-    """``buffer <- theta + step * direction`` in place, with ops that vmap batches (``addcmul_``
-    would fall back to a per-example loop)."""
-    for name in theta:
-        buffer[name].copy_(direction[name]).mul_(step).add_(theta[name])
-    return buffer
+def _moved(theta: Parameters, direction: Parameters, step: Tensor) -> Parameters:
+    """``theta + step * direction``, out of place: under vmap a parameter the forward never uses has
+    an unbatched zero gradient, which cannot be written into batched storage in place."""
+    return {name: theta[name] + step * direction[name] for name in theta}
 
 
 def example_terms(
@@ -183,20 +186,17 @@ def example_terms(
     (direction, gradients), activations = grad(loss_fn, argnums=(0, 1), has_aux=True)(
         stepped, zeros, example
     )
+    del stepped
     if exact_hvp:
-        del stepped
         with warnings.catch_warnings():
             # torch's first forward-mode call loads decompositions through torch.jit.script, which
             # warns about its own deprecation; nothing the user can act on.
             warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
             _, hessian_terms = jvp(layer_gradients, (theta,), (direction,))
     else:
-        h = _step_size(direction, h_scale)
-        # theta' has served: its storage (ours alone) takes theta + h v, then theta - h v. A fresh
-        # model-sized tensor costs ~3x an in-place update on CPU (page faults; VGG-16: 0.6 s).
-        shifted = stepped
-        plus = layer_gradients(_move_to(shifted, theta, direction, h))
-        minus = layer_gradients(_move_to(shifted, theta, direction, -h))
+        h = step_size(direction, h_scale)
+        plus = layer_gradients(_moved(theta, direction, h))
+        minus = layer_gradients(_moved(theta, direction, -h))
         hessian_terms = [(p - m) / (2 * h) for p, m in zip(plus, minus)]
     corrected = [g - learning_rate * hv for g, hv in zip(gradients, hessian_terms)]
     return list(activations), corrected

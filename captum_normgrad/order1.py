@@ -40,14 +40,27 @@ from captum_normgrad._captum import (
     log_usage,
     run_forward,
 )
-from captum_normgrad._capture import LayerRecord, capture_layers, check_each_ran_once
+from captum_normgrad._capture import (
+    LayerRecord,
+    capture_layers,
+    check_each_ran_once,
+    layer_name,
+)
 from captum_normgrad._layouts import ReshapeTransform
 from captum_normgrad._model_state import models_behind, preserved_buffers
-from captum_normgrad._order1_batching import Batch, BatchMode, choose_batch_mode, run_examples
+from captum_normgrad._order1_batching import (
+    Batch,
+    BatchMode,
+    choose_batch_mode,
+    run_vmapped,
+    target_of_example,
+)
 from captum_normgrad._order1_batching import is_per_example as _is_per_example
+from captum_normgrad._order1_loop import LoopPasses
 from captum_normgrad._order1_passes import PER_EXAMPLE, ExampleLoss, ForwardCaller
 from captum_normgrad.losses import LossSpec, class_labels, per_example_loss
 from captum_normgrad.normgrad import LayerNormGrad, check_finite_inputs
+from captum_normgrad.training.monitor import monitor_paused
 
 __all__ = ["LayerNormGradAdversarial", "LayerNormGradOrder1"]
 
@@ -305,7 +318,9 @@ class LayerNormGradOrder1(LayerNormGrad):
                 "parameters, so there is nothing to step. Unfreeze some (requires_grad=True)"
             )
         _check_deterministic(self.model)
-        records, labels = self._probe(inputs, target, args or None, attribute_to_layer_input, loss)
+        if num_examples == 0:
+            return self._empty_records(inputs, target, args, attribute_to_layer_input, loss)
+        hooked = _full_backward_hook_owner(self.model)
         mode, chunk = choose_batch_mode(
             batch_mode,
             chunk_size,
@@ -313,7 +328,130 @@ class LayerNormGradOrder1(LayerNormGrad):
             inputs[0].device,
             sum(p.numel() * p.element_size() for p in theta.values()),
             callable_loss=loss != "cross_entropy",
+            vmap_refusal=None if hooked is None else f"module '{hooked}' has a full backward hook",
         )
+        buffers = {name: b.detach() for name, b in caller.named_buffers()}
+        settings = {"learning_rate": learning_rate, "h_scale": h_scale, "exact_hvp": exact_hvp}
+        # The passes are not training steps: any NormGradMonitor on the model ignores them.
+        with (
+            _one_example_at_a_time(self.model),
+            monitor_paused(),
+            torch.enable_grad(),
+            # The fused attention kernels have no vmap rule and no second derivative.
+            _differentiable_attention(exact_hvp or mode == "vmap"),
+        ):
+            if mode == "vmap":
+                try:
+                    return self._vmapped_records(
+                        inputs,
+                        target,
+                        args,
+                        attribute_to_layer_input,
+                        loss,
+                        caller,
+                        theta,
+                        buffers,
+                        chunk,
+                        settings,
+                    )
+                except RuntimeError as error:
+                    if not _beyond_torch_func(error):
+                        raise
+                    if batch_mode == "vmap":
+                        raise ValueError(
+                            "batch_mode='vmap' runs the passes under torch.func.vmap, which cannot "
+                            f"run this model ({error}); use batch_mode='loop' (same maps)"
+                        ) from error
+                    # "auto": the loop computes the same maps with plain autograd.
+            return self._loop_records(
+                inputs,
+                target,
+                args,
+                attribute_to_layer_input,
+                loss,
+                caller,
+                theta,
+                buffers,
+                settings,
+            )
+
+    def _loop_records(
+        self,
+        inputs: tuple[Tensor, ...],
+        target: TargetType,
+        args: tuple,
+        attribute_to_layer_input: bool,
+        loss: LossSpec,
+        caller: ForwardCaller,
+        theta: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        settings: dict,
+    ) -> list[LayerRecord]:
+        """The passes one example at a time; pass 1's forward at ``theta`` also resolves and checks
+        the labels (no separate forward of the batch)."""
+        num_examples = inputs[0].shape[0]
+        records = [LayerRecord(layer, layer_name(self.model, layer)) for layer in self.layers]
+        passes = LoopPasses(
+            caller,
+            theta,
+            buffers,
+            copy_buffers=any(module.training for module in self.model.modules()),
+            records=records,
+            at_input=attribute_to_layer_input,
+            loss=_cross_entropy if loss == "cross_entropy" else _callable_loss(loss),
+        )
+        per_example = [_is_per_example(a, num_examples) for a in args]
+        labels: list[Tensor | None] = [None]
+
+        def resolve(index: int) -> Callable[[Tensor], object]:
+            def resolve_target(outputs: Tensor) -> object:
+                if index == 0:  # the batch's target checked once, before any backward
+                    batch_outputs = outputs.repeat(num_examples, *[1] * (outputs.dim() - 1))
+                    per_example_loss(batch_outputs, target, loss)
+                    if loss == "cross_entropy" and target is not None:
+                        labels[0] = class_labels(batch_outputs, target)
+                if loss != "cross_entropy":
+                    return target_of_example(target, index, num_examples)
+                if labels[0] is None:
+                    return class_labels(outputs, None)
+                return labels[0][index : index + 1]
+
+            return resolve_target
+
+        activations, corrected = [], []
+        with passes.hooks():
+            for index in range(num_examples):
+                forward_args = (
+                    *(x[index : index + 1] for x in inputs),
+                    *(a[index : index + 1] if each else a for a, each in zip(args, per_example)),
+                )
+                example_activations, example_corrected = passes.example_terms(
+                    forward_args, resolve(index), **settings
+                )
+                activations.append(example_activations)
+                corrected.append(example_corrected)
+        for position, record in enumerate(records):
+            record.activation = torch.cat([a[position] for a in activations])
+            record.gradient = torch.cat([c[position] for c in corrected])
+        return records
+
+    def _vmapped_records(
+        self,
+        inputs: tuple[Tensor, ...],
+        target: TargetType,
+        args: tuple,
+        attribute_to_layer_input: bool,
+        loss: LossSpec,
+        caller: ForwardCaller,
+        theta: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        chunk_size: int,
+        settings: dict,
+    ) -> list[LayerRecord]:
+        """Chunks of examples through ``torch.func.vmap``, after one forward of the batch that
+        resolves the labels."""
+        num_examples = inputs[0].shape[0]
+        records, labels = self._probe(inputs, target, args or None, attribute_to_layer_input, loss)
         loss_fn = ExampleLoss(
             caller,
             self.layers,
@@ -325,30 +463,82 @@ class LayerNormGradOrder1(LayerNormGrad):
             inputs=inputs,
             per_example_args=tuple(a.detach() for a in args if _is_per_example(a, num_examples)),
             target=labels,
-            buffers={name: b.detach() for name, b in caller.named_buffers()},
+            buffers=buffers,
         )
         zeros = [
             record.activation.new_zeros((1, *record.activation.shape[1:])) for record in records
         ]
-        with torch.enable_grad(), _differentiable_attention(exact_hvp or mode == "vmap"):
-            activations, corrected = run_examples(
-                loss_fn, theta, zeros, batch, mode, chunk, learning_rate, h_scale, exact_hvp
-            )
+        activations, corrected = run_vmapped(loss_fn, theta, zeros, batch, chunk_size, **settings)
         for record, activation, gradient in zip(records, activations, corrected):
             record.activation = activation
             record.gradient = gradient
         return records
 
+    def _empty_records(
+        self,
+        inputs: tuple[Tensor, ...],
+        target: TargetType,
+        args: tuple,
+        attribute_to_layer_input: bool,
+        loss: LossSpec,
+    ) -> list[LayerRecord]:
+        """An empty batch: one forward pass gives each layer's shape, and the maps are ``(0, 1, *S)``
+        as for order 0."""
+        records, _ = self._probe(inputs, target, args or None, attribute_to_layer_input, loss)
+        for record in records:
+            record.activation = record.activation.detach()
+            record.gradient = torch.zeros_like(record.activation)
+        return records
+
+
+def _full_backward_hook_owner(model: nn.Module) -> str | None:
+    """The name of a module with a full backward hook (torch.func cannot run those), if any."""
+    for name, module in model.named_modules():
+        if module._backward_hooks and module._is_full_backward_hook:
+            return name or type(module).__name__
+    if nn.modules.module._global_backward_hooks:
+        return "every module (a global full backward hook)"
+    return None
+
+
+def _beyond_torch_func(error: RuntimeError) -> bool:
+    """What torch.func transforms refuse and plain autograd runs: activation checkpointing (saved
+    tensor hooks), ``autograd.Function`` without ``setup_context``."""
+    message = str(error)
+    return "saved tensor hooks" in message or "setup_context" in message
+
+
+@contextmanager
+def _one_example_at_a_time(model: nn.Module) -> Iterator[None]:
+    """Name train-mode BatchNorm when it cannot normalise one example (one value per channel)."""
+    try:
+        yield
+    except ValueError as error:
+        if "Expected more than 1 value per channel when training" not in str(error):
+            raise
+        names = [
+            name or type(module).__name__
+            for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
+        ]
+        raise ValueError(
+            f"order 1 runs its passes on one example at a time (each example gets its own inner "
+            f"step), and BatchNorm in training mode ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}) cannot normalise a single value per channel "
+            "(a 1x1 activation of one example). Call model.eval() so BatchNorm uses its running "
+            "statistics, or give larger inputs"
+        ) from error
+
 
 @contextmanager
 def _differentiable_attention(math_kernel: bool) -> Iterator[None]:
-    """Attention that torch.func can differentiate, for the passes only (restored after).
+    """Attention that autograd and torch.func can differentiate, for the passes only (restored).
 
     ``nn.MultiheadAttention`` in eval mode takes a fused inference kernel when it sees no autograd,
-    which is what torch.func's wrapped tensors look like to it: the fast path is switched off so
-    it runs through ``scaled_dot_product_attention``. The fused SDPA kernels (flash, memory
-    efficient) have no forward-mode derivative and no vmap batching rule, so the exact HVP
-    (``jvp``) and the vmapped passes use the math kernel.
+    which is what torch.func's wrapped tensors (and the loop's passes 3-4 before the layer) look like
+    to it: the fast path is switched off so every pass runs the same ``scaled_dot_product_attention``.
+    The fused SDPA kernels (flash, memory efficient) have no vmap batching rule and no second
+    derivative, so the exact HVP (a double backward) and the vmapped passes use the math kernel.
     """
     enabled = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)

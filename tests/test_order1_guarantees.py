@@ -135,10 +135,13 @@ class CountingNet(nn.Module):
 @pytest.mark.parametrize(
     ("hvp", "batch_mode", "forwards", "backwards"),
     [
-        # one forward of the batch resolves the labels, then 4 (3 exact) passes per example ...
-        ("finite_difference", "loop", 1 + 4 * 3, 4 * 3),
-        ("exact", "loop", 1 + 3 * 3, 3 * 3),
-        # ... or per vmapped chunk, which runs every example of the chunk at once
+        # 4 passes per example, the first one resolving the label ...
+        ("finite_difference", "loop", 4 * 3, 4 * 3),
+        # ... or 2 forwards and 3 backwards: pass 1's, pass 2's and the double backward through
+        # pass 1's graph (the logits' backward runs again in it) ...
+        ("exact", "loop", 2 * 3, 3 * 3),
+        # ... or, after one forward of the batch that resolves the labels, 4 passes per vmapped
+        # chunk, which runs every example of the chunk at once
         ("finite_difference", "vmap", 1 + 4, 4),
     ],
 )

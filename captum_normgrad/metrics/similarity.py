@@ -100,9 +100,7 @@ def map_ssim(first: Tensor, second: Tensor) -> Tensor:
         )
     first_np = normalize_per_example(first.double()).cpu().numpy()
     second_np = normalize_per_example(second.double()).cpu().numpy()
-    values = [
-        structural_similarity(a, b, data_range=1.0) for a, b in zip(first_np, second_np)
-    ]
+    values = [structural_similarity(a, b, data_range=1.0) for a, b in zip(first_np, second_np)]
     return torch.as_tensor(np.asarray(values), dtype=first.dtype, device=first.device)
 
 

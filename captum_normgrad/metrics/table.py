@@ -57,8 +57,10 @@ class MetricsTable:
         header = [title(name) for name in self.columns]
         body = [[cell(row[name]) for name in self.columns] for row in self.rows]
         widths = [max(len(text) for text in column) for column in zip(header, *body)]
-        lines = ["  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip()
-                 for line in [header, *body]]
+        lines = [
+            "  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip()
+            for line in [header, *body]
+        ]
         lines.insert(1, "  ".join("-" * width for width in widths))
         lines.append("(+) higher is better, (-) lower is better")
         return "\n".join(lines)

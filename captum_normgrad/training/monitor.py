@@ -44,10 +44,13 @@ _pause_depth = 0
 
 @contextmanager
 def monitor_paused() -> Iterator[None]:
-    """Backward passes inside this block are ignored by every :class:`NormGradMonitor`.
+    """Forward and backward passes inside this block are ignored by every :class:`NormGradMonitor`.
 
     Wrap the gradient computations of a training step that are not the training loss's backward
-    (e.g. ``torch.autograd.grad`` for a gradient penalty) so the maps stay those of the loss.
+    (e.g. ``torch.autograd.grad`` for a gradient penalty) so the maps stay those of the loss. A
+    forward pass of the model inside the block is not a training step either: it is not counted,
+    and a step recorded before the block stays open for the training loss's backward after it
+    (order 1's inner passes, for one, run on stepped copies of the parameters).
     """
     global _pause_depth
     _pause_depth += 1
@@ -232,7 +235,7 @@ class NormGradMonitor:
 
     def _start_step(self, module: nn.Module, args: tuple) -> None:
         self._recording = False
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or _pause_depth:
             return
         self._close_pending()
         step = self.steps_seen
