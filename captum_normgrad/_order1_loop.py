@@ -261,14 +261,10 @@ class LoopPasses:
             first = _gradients(loss, list(self.leaves.values()), create_graph=exact_hvp)
             del loss  # with create_graph, `first` keeps the graph the double backward needs
             zeros_at_theta = list(self.taps.zeros)
-            with torch.no_grad():
+            with torch.no_grad():  # theta' = theta - lr * grad, rounded as the formula reads
                 for name, gradient in zip(names, first):
-                    torch.add(
-                        self.theta[name],
-                        gradient.detach(),
-                        alpha=-learning_rate,
-                        out=self.moved[name],
-                    )
+                    moved = torch.mul(gradient.detach(), learning_rate, out=self.moved[name])
+                    torch.sub(self.theta[name], moved, out=moved)
             stepped = {name: t.requires_grad_() for name, t in self._aliases(self.moved).items()}
 
             def at_stepped() -> tuple[list[Tensor], list[Tensor]]:
