@@ -15,7 +15,7 @@ import torchvision
 from captum_normgrad import data
 from captum_normgrad.cli import main
 
-COMMAND = [sys.executable, "-m", "captum_normgrad.cli"]
+COMMAND = [sys.executable, "-m", "captum_normgrad"]
 
 
 def _run(*arguments: str) -> subprocess.CompletedProcess:

@@ -1,4 +1,4 @@
-"""The ``evaluate`` command: the metrics over every bundled photo and composite, as one table.
+"""``captum-normgrad evaluate``: the metrics over every bundled photo and composite, as one table.
 
 - Faithfulness, on the six single photos explained for their label: deletion and insertion curves
   (:func:`captum_normgrad.metrics.deletion_curve` / ``insertion_curve``) and their areas. The curves
@@ -19,10 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from captum_normgrad import data
-from captum_normgrad._cli_commands import attribute_or_fail
-from captum_normgrad._cli_inputs import BUNDLED_MODEL, CliError, load_model, resolve_layers
-from captum_normgrad._cli_methods import METHODS, build_method
-from captum_normgrad._cli_table import format_table, write_csv
+from captum_normgrad.cli._errors import CliError
+from captum_normgrad.cli._inputs import resolve_layers
+from captum_normgrad.cli._methods import METHODS, attribute_or_fail, build_method
+from captum_normgrad.cli._models import BUNDLED_MODEL, load_model
+from captum_normgrad.cli._options import add_common_options, positive_int
+from captum_normgrad.cli._table import format_table, write_csv
 from captum_normgrad.figures import plot_deletion_insertion, save_figure
 from captum_normgrad.metrics import (
     area_under_curve,
@@ -31,13 +33,31 @@ from captum_normgrad.metrics import (
     insertion_curve,
 )
 
-__all__ = ["EVALUATE_LAYERS", "run_evaluate"]
+__all__ = ["EVALUATE_LAYERS", "EVALUATE_METHODS", "add_parser", "run"]
 
 # Two depths keep the default run short: deletion and insertion dominate the cost (every step is a
 # forward pass of every photo, for every method and layer).
 EVALUATE_LAYERS = ("_blocks.10", "_bn1")
 # Small chunks run faster than large ones on a CPU (cache), and bound the memory.
 _CHUNK_SIZE = 16
+# The adversarial map shows what would degrade the model, not evidence for the class: the
+# localisation and faithfulness metrics do not apply to it.
+EVALUATE_METHODS = ["gradcam", "normgrad", "order1", "selective"]
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register ``evaluate`` and its options."""
+    evaluate = commands.add_parser(
+        "evaluate", help="metrics over the bundled photos and composites; prints and saves a table"
+    )
+    evaluate.add_argument(
+        "--steps",
+        type=positive_int,
+        default=5,
+        help="deletion/insertion steps (default: %(default)s)",
+    )
+    add_common_options(evaluate, EVALUATE_METHODS, " ".join(EVALUATE_LAYERS))
+    evaluate.set_defaults(run=run)
 
 
 def _photo_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +78,7 @@ def _composite_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     )
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Metrics for every method and layer over the bundled photos and composites."""
     model = load_model(BUNDLED_MODEL)
     layer_names = args.layers or list(EVALUATE_LAYERS)

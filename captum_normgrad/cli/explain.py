@@ -1,0 +1,111 @@
+"""``captum-normgrad explain``: maps of several methods at several depths for the user's own image.
+
+The model is the bundled EfficientNet-Lite0 or a torchvision architecture with a local state dict
+(:mod:`captum_normgrad.cli._models`); the target is a class index, an exact class name or the top-1
+prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from captum_normgrad import data
+from captum_normgrad.cli._errors import CliError
+from captum_normgrad.cli._inputs import (
+    default_layer_names,
+    read_image,
+    resolve_layers,
+    resolve_target,
+)
+from captum_normgrad.cli._methods import METHODS, attribute_or_fail
+from captum_normgrad.cli._models import BUNDLED_MODEL, LoadedModel, load_model
+from captum_normgrad.cli._options import add_common_options, positive_int
+from captum_normgrad.cli._table import format_table
+from captum_normgrad.figures import attribution_grid, save_figure
+
+__all__ = ["EXPLAIN_METHODS", "add_parser", "run"]
+
+EXPLAIN_METHODS = ["gradcam", "normgrad", "selective"]
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register ``explain`` and its options."""
+    explain = commands.add_parser("explain", help="maps for your own image")
+    explain.add_argument("--image", required=True, help="an image file (PNG, JPEG, ...)")
+    explain.add_argument(
+        "--target", help="class index or exact class name (default: the top-1 prediction)"
+    )
+    explain.add_argument(
+        "--model",
+        default=BUNDLED_MODEL,
+        help=f"{BUNDLED_MODEL} (bundled, pretrained) or a torchvision architecture name",
+    )
+    explain.add_argument(
+        "--weights",
+        help="a local state dict for --model (loaded with torch.load(weights_only=True))",
+    )
+    explain.add_argument(
+        "--num-classes",
+        type=positive_int,
+        default=1000,
+        help="outputs of a torchvision --model (default: %(default)s)",
+    )
+    explain.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=224,
+        help="side of the centre crop the model sees (default: %(default)s)",
+    )
+    add_common_options(
+        explain,
+        EXPLAIN_METHODS,
+        f"{' '.join(data.EFFICIENTNET_LITE0_LAYERS)} for {BUNDLED_MODEL}, four evenly spaced "
+        "convolutions otherwise",
+    )
+    explain.set_defaults(run=run)
+
+
+def _predict(model: LoadedModel, inputs: Tensor) -> Tensor:
+    try:
+        with torch.no_grad():
+            return model.module(inputs).softmax(dim=1)
+    except RuntimeError as error:
+        raise CliError(f"{model.name} cannot run on this input: {error}") from error
+
+
+def run(args: argparse.Namespace) -> int:
+    """Maps of the chosen methods at the chosen layers for the user's own image."""
+    model = load_model(args.model, args.weights, args.num_classes)
+    image = data.center_crop(read_image(args.image), args.image_size)
+    layer_names = args.layers or default_layer_names(model)
+    layers = resolve_layers(model, layer_names)
+    target = resolve_target(model, args.target)
+    inputs = model.prepare(image)
+    probabilities = _predict(model, inputs)[0]
+    top = probabilities.topk(min(5, probabilities.numel()))
+    predictions = ", ".join(
+        f"{model.class_names[int(index)]} ({int(index)}) {float(p):.2f}"
+        for p, index in zip(top.values, top.indices)
+    )
+    print(f"{args.image}: top predictions {predictions}")
+    target = int(top.indices[0]) if target is None else target
+    probability = float(probabilities[target])
+    print(f"explaining class '{model.class_names[target]}' ({target}), p={probability:.3f}")
+    targets = torch.tensor([target])
+    rows, figure_maps = [], {}
+    for method in args.methods:
+        maps, seconds = attribute_or_fail(method, model.module, layers, inputs, targets)
+        figure_maps[METHODS[method].label] = [layer_map[0] for layer_map in maps]
+        rows.append({"method": METHODS[method].label, "seconds": seconds})
+    title = f"{Path(args.image).name}: maps for '{model.class_names[target]}' ({model.name})"
+    figure = attribution_grid(image, figure_maps, layer_names, title=title)
+    path = save_figure(
+        figure, Path(args.out) / f"explain_{Path(args.image).stem}.png", dpi=args.dpi
+    )
+    print(format_table(rows))
+    print(f"figure: {path}")
+    return 0
