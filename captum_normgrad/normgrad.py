@@ -72,6 +72,28 @@ def check_finite_map(layer_map: Tensor, record: LayerRecord) -> Tensor:
     return layer_map
 
 
+def _gradients(
+    total_loss: Tensor, records: Sequence[LayerRecord], create_graph: bool
+) -> tuple[Tensor | None, ...]:
+    """``d total_loss / d activation`` for each record (``None`` where the loss ignores it)."""
+    try:
+        return torch.autograd.grad(
+            total_loss,
+            [record.activation for record in records],
+            create_graph=create_graph,
+            allow_unused=True,
+        )
+    except RuntimeError as error:
+        if "use_reentrant" not in str(error):
+            raise
+        names = ", ".join(f"'{record.name}'" for record in records)
+        raise RuntimeError(
+            f"the gradient to layer {names} passes through reentrant activation checkpointing "
+            "(torch.utils.checkpoint.checkpoint(..., use_reentrant=True)), which cannot give the "
+            "gradient of an intermediate activation. Use use_reentrant=False in the model"
+        ) from error
+
+
 class LayerNormGrad(LayerAttribution, GradientAttribution):
     r"""NormGrad order 0 with the virtual 1x1 identity: ``m_u = ||x_u|| * ||g_u||`` at a layer.
 
@@ -237,12 +259,7 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
             records.end_forward()
             check_each_ran_once(records)
             total_loss = per_example_loss(outputs, target, loss).sum()
-            gradients = torch.autograd.grad(
-                total_loss,
-                [record.activation for record in records],
-                create_graph=create_graph,
-                allow_unused=True,
-            )
+            gradients = _gradients(total_loss, records, create_graph)
         attach_gradients(records, gradients)
         for record in records:
             record.evidence_sign = 1 if loss == "output" else -1

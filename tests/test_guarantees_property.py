@@ -1,0 +1,385 @@
+"""The developers' brief as a property (issue 9): over a zoo of models, all five methods, good and bad
+inputs, every call either returns finite maps of the right shape or raises a ValueError, TypeError or
+RuntimeError naming the argument or module at fault; and after every call, passing or raising, the
+model is exactly as it was (values, bindings, ``.grad``, flags, every hook dict, grad mode) and the
+user's own hooks still fire.
+
+Hypothesis draws the cases (derandomized, so CI is reproducible). The order-1 failures that issue 9
+items 5-10 describe belong to the order-1 internals; a case that hits one still has its model state
+checked, and is listed in :data:`PENDING` with its own test below, which skips while the failure
+remains and must pass once it is fixed.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from model_state import assert_model_unchanged, model_snapshot
+from torch import nn
+from zoo_models import CUSTOM, NUM_CLASSES, TORCHVISION, ZooModel, module
+
+from captum_normgrad import (
+    LayerNormGrad,
+    LayerNormGradAdversarial,
+    LayerNormGradConv,
+    LayerNormGradOrder1,
+    LayerNormGradSelective,
+)
+
+ORDER1 = (LayerNormGradOrder1, LayerNormGradAdversarial)
+METHODS = (LayerNormGrad, LayerNormGradSelective, LayerNormGradConv, *ORDER1)
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_ONLY = "needs nn.Conv1d, nn.Conv2d or nn.Conv3d layers"
+
+# Bad arguments, and the argument the error must name.
+BAD = {
+    "inputs_none": "inputs",
+    "inputs_list": "inputs",
+    "inputs_numpy": "inputs",
+    "inputs_nan": "input 0",
+    "target_str": "target",
+    "target_out_of_range": "target",
+    "target_wrong_length": "target",
+    "target_float": "target",
+    "loss_unknown": "loss",
+}
+ORDER1_BAD = {"eps_negative": "eps", "hvp_unknown": "hvp"}
+VARIANTS = ("good", "empty_batch", *BAD, *ORDER1_BAD)
+
+# Issue 9 items 5-10: order-1 failures owned by the order-1 internals, by the message they give.
+PENDING = {
+    5: "linalg_vector_norm|'NoneType' object has no attribute|arg 3 must not be zero",
+    6: "vmap: inplace arithmetic",
+    7: "setup_context|saved tensor hooks",
+    8: "hardsigmoid_backward|forward AD",
+    9: "Expected more than 1 value per channel",
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    method: type
+    layers: tuple[str, ...]
+    batch: int
+    variant: str
+    train: bool
+    populated_grads: bool
+    frozen: bool
+    user_hooks: bool
+    no_grad: bool
+    hvp: str
+    batch_mode: str
+
+
+def cases(zoo: dict[str, ZooModel], name: str, method: type) -> st.SearchStrategy[Case]:
+    """Cases for one model and method; half of them with good arguments."""
+    layer_lists = st.lists(st.sampled_from(zoo[name].layers), min_size=1, max_size=2, unique=True)
+    return st.builds(
+        Case,
+        model=st.just(name),
+        method=st.just(method),
+        layers=layer_lists.map(tuple),
+        batch=st.integers(1, 3),
+        variant=st.one_of(st.just("good"), st.sampled_from(VARIANTS)),
+        train=st.booleans(),
+        populated_grads=st.booleans(),
+        frozen=st.booleans(),
+        user_hooks=st.booleans(),
+        no_grad=st.booleans(),
+        hvp=st.sampled_from(["finite_difference", "exact"]),
+        batch_mode=st.sampled_from(["loop", "vmap"]),
+    )
+
+
+class UserHooks:
+    """The user's own hooks: forward, forward-pre and full backward on modules, one on a tensor."""
+
+    def __init__(self, model: nn.Module, layer: nn.Module) -> None:
+        self.fired: dict[str, int] = {}
+        self.handles = [
+            model.register_forward_hook(self._count("forward")),
+            layer.register_forward_pre_hook(self._count("layer_forward_pre")),
+            layer.register_forward_hook(self._count("layer_forward")),
+            model.register_full_backward_hook(self._count("full_backward")),
+        ]
+        parameter = next(p for p in model.parameters() if p.requires_grad)
+        self.handles.append(parameter.register_hook(self._count("tensor")))
+
+    def _count(self, name: str):
+        self.fired[name] = 0
+
+        def hook(*args):
+            self.fired[name] += 1
+
+        return hook
+
+    def assert_still_fire(self, model: nn.Module, inputs: torch.Tensor) -> None:
+        self.fired = dict.fromkeys(self.fired, 0)
+        logits(model(inputs)).sum().backward()
+        assert all(self.fired.values()), f"a user hook stopped firing: {self.fired}"
+
+
+def logits(outputs: object) -> torch.Tensor:
+    """torchvision GoogLeNet returns a named tuple in train mode."""
+    return outputs[0] if isinstance(outputs, tuple) else outputs
+
+
+def prepared_model(case: Case, spec: ZooModel) -> nn.Module:
+    model = spec.build().train(case.train)
+    if case.frozen:
+        next(iter(model.parameters())).requires_grad_(False)
+    if case.populated_grads:
+        logits(model(torch.randn(2, *spec.input_shape))).sum().backward()
+    return model
+
+
+def arguments(case: Case, inputs: torch.Tensor) -> tuple[object, dict]:
+    """The ``inputs`` and keyword arguments of the call the case makes."""
+    kwargs: dict = {"target": torch.arange(case.batch) % NUM_CLASSES}
+    if case.method in ORDER1:
+        kwargs.update(hvp=case.hvp, batch_mode=case.batch_mode)
+    variant = case.variant
+    if variant == "inputs_none":
+        inputs = None
+    elif variant == "inputs_list":
+        inputs = inputs.tolist()
+    elif variant == "inputs_numpy":
+        inputs = inputs.numpy()
+    elif variant == "inputs_nan":
+        inputs = inputs.clone()
+        inputs.view(-1)[0] = float("nan")
+    elif variant == "empty_batch":
+        inputs, kwargs["target"] = inputs[:0], 0
+    elif variant == "target_str":
+        kwargs["target"] = "tabby"
+    elif variant == "target_out_of_range":
+        kwargs["target"] = NUM_CLASSES + 3
+    elif variant == "target_wrong_length":
+        kwargs["target"] = [0] * (case.batch + 1)
+    elif variant == "target_float":
+        kwargs["target"] = torch.rand(case.batch)
+    elif variant == "loss_unknown":
+        kwargs["loss"] = "mse"
+    elif variant == "eps_negative":
+        kwargs["eps"] = -1.0
+    elif variant == "hvp_unknown":
+        kwargs["hvp"] = "newton"
+    return inputs, kwargs
+
+
+def names_the_culprit(message: str, model: nn.Module, argument: str | None) -> bool:
+    if argument is not None:
+        return argument in message
+    words = ["inputs", "input ", "target", "loss", "layer", "forward function", "eps", "model"]
+    words += [f"'{name}'" for name, _ in model.named_modules() if name]
+    words += [type(m).__name__ for m in model.modules()]
+    return any(word in message for word in words)
+
+
+def bare_forward_fails(model: nn.Module, inputs: torch.Tensor) -> bool:
+    """Whether the model itself refuses these inputs (BatchNorm in train mode on one value per
+    channel): the method may then pass the model's own error on."""
+    try:
+        with torch.no_grad():
+            model(inputs)
+    except (ValueError, RuntimeError):
+        return True
+    return False
+
+
+def expected_refusal(case: Case, spec: ZooModel, model: nn.Module) -> str | None:
+    """A regex the error of a call with good arguments must match, or None when it must succeed."""
+    layers = [module(model, name) for name in case.layers]
+    if case.method is LayerNormGradConv and not all(isinstance(m, CONVS) for m in layers):
+        return CONV_ONLY
+    if case.method not in ORDER1 and set(case.layers) & set(spec.refused):
+        return spec.refusal
+    if case.method not in ORDER1 and case.train and type(model).__name__ == "GoogLeNet":
+        return "forward function returned GoogLeNetOutputs"
+    if case.method in ORDER1 and case.train:
+        dropout = (nn.Dropout, nn.Dropout2d)
+        if any(isinstance(m, dropout) and m.p > 0 for m in model.modules()):
+            return "dropout module .* is in training mode"
+    return None
+
+
+def check_call(case: Case, zoo: dict[str, ZooModel]) -> None:
+    spec = zoo[case.model]
+    model = prepared_model(case, spec)
+    layers = [module(model, name) for name in case.layers]
+    hooks = UserHooks(model, layers[0]) if case.user_hooks else None
+    images = torch.randn(case.batch, *spec.input_shape)
+    inputs, kwargs = arguments(case, images)
+    layer = layers if len(layers) > 1 else layers[0]
+    before = model_snapshot(model)
+    maps, error = None, None
+    try:
+        with torch.no_grad() if case.no_grad else torch.enable_grad():
+            maps = case.method(model, layer).attribute(inputs, **kwargs)
+    except Exception as caught:  # judged below
+        error = caught
+    assert_model_unchanged(model, before)
+    if hooks is not None:
+        hooks.assert_still_fire(model, torch.randn(2, *spec.input_shape))
+
+    argument = {**BAD, **ORDER1_BAD}.get(case.variant)
+    refusal = expected_refusal(case, spec, model)
+    if error is not None and case.method in ORDER1:
+        if any(re.search(pattern, str(error)) for pattern in PENDING.values()):
+            event(f"pending: {case.method.__name__} {str(error)[:40]}")
+            return  # issue 9 items 5-10: see the test_pending_item_* tests
+    if case.method is LayerNormGradConv and refusal == CONV_ONLY:
+        assert isinstance(error, TypeError) and re.search(refusal, str(error)), repr(error)
+        return
+    if case.variant in ORDER1_BAD and case.method not in ORDER1:
+        assert isinstance(error, TypeError) and "unexpected keyword" in str(error)
+        return
+    if error is not None:
+        assert isinstance(error, (ValueError, TypeError, RuntimeError)), repr(error)
+        message = str(error)
+        event(f"refused: {case.method.__name__} {type(error).__name__}")
+        if argument is not None and names_the_culprit(message, model, argument):
+            return
+        if refusal is not None and re.search(refusal, message):
+            return
+        # Otherwise only the model's own error may come out (BatchNorm in train mode on one
+        # value per channel), and it names the module.
+        assert bare_forward_fails(model, images[:0] if case.variant == "empty_batch" else images)
+        assert names_the_culprit(message, model, None), message
+        return
+    event(f"maps: {case.method.__name__}")
+    assert argument is None, f"{case.variant} was accepted"
+    assert expected_refusal(case, spec, model) is None, "a refusal was expected"
+    for layer_map in maps if isinstance(maps, list) else [maps]:
+        assert layer_map.shape[:2] == (0 if case.variant == "empty_batch" else case.batch, 1)
+        assert torch.isfinite(layer_map).all(), "a non-finite map from finite inputs"
+        assert not layer_map.requires_grad
+
+
+PROPERTY = settings(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("name", sorted(CUSTOM))
+@settings(PROPERTY, max_examples=12)
+@given(data=st.data())
+def test_guarantees_on_small_custom_models(name, method, data, one_thread):
+    check_call(data.draw(cases(CUSTOM, name, method)), CUSTOM)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("name", sorted(TORCHVISION))
+@settings(PROPERTY, max_examples=5)
+@given(data=st.data())
+def test_guarantees_on_torchvision_models(name, method, data, one_thread):
+    check_call(data.draw(cases(TORCHVISION, name, method)), TORCHVISION)
+
+
+def pending_or_pass(item: int, call) -> object:
+    """Run ``call``; while its issue 9 item is open in the order-1 internals it fails with the
+    message :data:`PENDING` names and the test is skipped; once fixed, the test must pass."""
+    try:
+        return call()
+    except Exception as error:
+        if re.search(PENDING[item], str(error)):
+            pytest.skip(f"pending issue 9 item {item} (order-1 internals)")
+        raise
+
+
+@pytest.mark.parametrize("batch_mode", ["loop", "vmap"])
+@pytest.mark.parametrize("method", ORDER1, ids=lambda m: m.__name__)
+def test_pending_item_5_order1_on_an_empty_batch(method, batch_mode):
+    model = CUSTOM["bn_cnn"].build()
+    before = model_snapshot(model)
+    maps = pending_or_pass(
+        5,
+        lambda: method(model, model[3]).attribute(
+            torch.randn(0, 3, 8, 8), target=0, batch_mode=batch_mode
+        ),
+    )
+    assert_model_unchanged(model, before)
+    assert maps.shape == (0, 1, 4, 4)
+
+
+def test_pending_item_6_vmap_with_an_unused_parameter(one_thread):
+    model = CUSTOM["tied_weights"].build().double()
+    images = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    before = model_snapshot(model)
+    attribution = LayerNormGradOrder1(model, model.decode)
+    vmapped = pending_or_pass(
+        6, lambda: attribution.attribute(images, target=[0, 3], batch_mode="vmap")
+    )
+    assert_model_unchanged(model, before)
+    loop = attribution.attribute(images, target=[0, 3], batch_mode="loop")
+    torch.testing.assert_close(vmapped, loop)
+
+
+@pytest.mark.parametrize("condition", ["full_backward_hook", "reentrant", "non_reentrant"])
+def test_pending_item_7_order1_with_hooks_or_checkpointing(condition, one_thread):
+    plain = CUSTOM["checkpoint_non_reentrant"].build().double()
+    plain.reentrant = None  # no checkpointing: the reference
+    model = copy.deepcopy(plain)
+    if condition == "full_backward_hook":
+        model.head.register_full_backward_hook(lambda *args: None)
+    else:
+        model.reentrant = condition == "reentrant"
+    images = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    before = model_snapshot(model)
+    try:
+        maps = pending_or_pass(
+            7, lambda: LayerNormGradOrder1(model, model.stem).attribute(images, target=[0, 1])
+        )
+    except (ValueError, RuntimeError) as refusal:  # a refusal naming the module and the reason
+        assert re.search("head|checkpoint", str(refusal)), str(refusal)
+    else:
+        expected = LayerNormGradOrder1(plain, plain.stem).attribute(images, target=[0, 1])
+        torch.testing.assert_close(maps, expected)
+    assert_model_unchanged(model, before)
+
+
+def test_pending_item_8_exact_hvp_on_hardsigmoid(one_thread):
+    model = TORCHVISION["mobilenet_v3_small"].build()
+    before = model_snapshot(model)
+    try:
+        maps = pending_or_pass(
+            8,
+            lambda: LayerNormGradOrder1(model, model.features[2]).attribute(
+                torch.randn(1, 3, 32, 32), target=1, hvp="exact"
+            ),
+        )
+    except (ValueError, RuntimeError, NotImplementedError) as refusal:
+        assert "hardsigmoid" in str(refusal) and "hvp" in str(refusal), str(refusal)
+    else:
+        assert torch.isfinite(maps).all()
+    assert_model_unchanged(model, before)
+
+
+def test_pending_item_9_order1_on_a_train_mode_resnet(one_thread):
+    model = TORCHVISION["resnet18"].build().train()
+    before = model_snapshot(model)
+    try:
+        pending_or_pass(
+            9,
+            lambda: LayerNormGradOrder1(model, model.layer3).attribute(
+                torch.randn(2, 3, 32, 32), target=[0, 1]
+            ),
+        )
+    except ValueError as refusal:
+        assert "one example at a time" in str(refusal), str(refusal)
+    assert_model_unchanged(model, before)
