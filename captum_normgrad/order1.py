@@ -334,6 +334,8 @@ class LayerNormGradOrder1(LayerNormGrad):
         settings = {"learning_rate": learning_rate, "h_scale": h_scale, "exact_hvp": exact_hvp}
         # The passes are not training steps: any NormGradMonitor on the model ignores them.
         with (
+            # A forward that rebinds its buffers (self.ema = ...) is undone, as for order 0.
+            preserved_buffers([self.model]),
             _one_example_at_a_time(self.model),
             monitor_paused(),
             torch.enable_grad(),

@@ -50,9 +50,13 @@ def _torchvision(name: str) -> nn.Module:
         ).eval()
     model = getattr(torchvision.models, name)(weights=None, num_classes=NUM_CLASSES).eval()
     if name == "vgg11_bn":
-        # 100M frozen classifier weights: order 1 steps only the features (frozen parameters are
-        # one of the zoo's conditions anyway), so its passes stay cheap.
-        model.classifier.requires_grad_(False)
+        # The 25088x4096 classifier (100M weights, 7x7 copies of a 1x1 map at 32 px) would make
+        # every snapshot and order-1 pass cost seconds; the features stay torchvision's, the head
+        # keeps its layout (ReLU(inplace), Dropout) at a small width.
+        model.avgpool = nn.AdaptiveAvgPool2d(1)
+        model.classifier = nn.Sequential(
+            nn.Linear(512, 64), nn.ReLU(inplace=True), nn.Dropout(), nn.Linear(64, NUM_CLASSES)
+        )
     return model
 
 
