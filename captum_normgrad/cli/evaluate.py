@@ -20,6 +20,12 @@ from tqdm.auto import tqdm
 
 from captum_normgrad import data
 from captum_normgrad.cli._errors import CliError
+from captum_normgrad.cli._evaluate_data import (
+    DATA_STEPS,
+    add_data_options,
+    check_no_data_options,
+    run_on_data,
+)
 from captum_normgrad.cli._inputs import resolve_layers
 from captum_normgrad.cli._methods import METHODS, attribute_or_fail, build_method
 from captum_normgrad.cli._models import BUNDLED_MODEL, load_model
@@ -38,6 +44,8 @@ __all__ = ["EVALUATE_LAYERS", "EVALUATE_METHODS", "add_parser", "run"]
 # Two depths keep the default run short: deletion and insertion dominate the cost (every step is a
 # forward pass of every photo, for every method and layer).
 EVALUATE_LAYERS = ("_blocks.10", "_bn1")
+# Deletion / insertion steps on the bundled photos: a quick look, not RISE's 50.
+_STEPS = 5
 # Small chunks run faster than large ones on a CPU (cache), and bound the memory.
 _CHUNK_SIZE = 16
 # The adversarial map shows what would degrade the model, not evidence for the class: the
@@ -48,15 +56,18 @@ EVALUATE_METHODS = ["gradcam", "normgrad", "order1", "selective"]
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register ``evaluate`` and its options."""
     evaluate = commands.add_parser(
-        "evaluate", help="metrics over the bundled photos and composites; prints and saves a table"
+        "evaluate",
+        help="metrics over the bundled photos and composites, or over a data set (--data, also "
+        "under torchrun); prints and saves a table",
     )
     evaluate.add_argument(
         "--steps",
         type=positive_int,
-        default=5,
-        help="deletion/insertion steps (default: %(default)s)",
+        help=f"deletion/insertion steps (default: {_STEPS} on the bundled photos, {DATA_STEPS} "
+        "with --data)",
     )
     add_common_options(evaluate, EVALUATE_METHODS, " ".join(EVALUATE_LAYERS))
+    add_data_options(evaluate)
     evaluate.set_defaults(run=run)
 
 
@@ -79,7 +90,11 @@ def _composite_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Metrics for every method and layer over the bundled photos and composites."""
+    """Metrics for every method and layer over the bundled photos and composites, or ``--data``."""
+    if args.data is not None:
+        return run_on_data(args, EVALUATE_LAYERS)
+    check_no_data_options(args)
+    steps = args.steps or _STEPS
     model = load_model(BUNDLED_MODEL)
     layer_names = args.layers or list(EVALUATE_LAYERS)
     layers = resolve_layers(model, layer_names)
@@ -93,10 +108,10 @@ def run(args: argparse.Namespace) -> int:
         maps, _ = attribute_or_fail(method, model.module, layers, images, labels)
         for name, layer_map in zip(layer_names, maps):
             deleted = deletion_curve(
-                model.module, images, layer_map, labels, args.steps, chunk_size=_CHUNK_SIZE
+                model.module, images, layer_map, labels, steps, chunk_size=_CHUNK_SIZE
             )
             inserted = insertion_curve(
-                model.module, images, layer_map, labels, args.steps, chunk_size=_CHUNK_SIZE
+                model.module, images, layer_map, labels, steps, chunk_size=_CHUNK_SIZE
             )
             rows[label, name] = {
                 "method": label,
@@ -134,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(table_rows))
     print(
         f"deletion_auc (lower is better) and insertion_auc (higher) over {len(labels)} photos, "
-        f"{args.steps} steps; pointing_game (higher) and selectivity (rank correlation with the "
+        f"{steps} steps; pointing_game (higher) and selectivity (rank correlation with the "
         "second-best class's map, lower is more selective) over both halves of "
         f"{len(data.COMPOSITE_PAIRS)} composites"
     )

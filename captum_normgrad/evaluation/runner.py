@@ -339,7 +339,8 @@ def evaluate_dataset(
         if not world.is_main:
             return None
         rows = store.merge()
-        table = summarize(rows, columns, list(methods))
+        layer_order = list(dict.fromkeys(sum(evaluator.layer_names.values(), [])))
+        table = summarize(rows, columns, list(methods), layer_order)
         table.to_csv(out / "summary.csv")
-        save_curves_figure(rows, out / "curves.png", list(methods), dpi=dpi)
+        save_curves_figure(rows, out / "curves.png", list(methods), layer_order, dpi=dpi)
         return table

@@ -36,16 +36,28 @@ def _mean(rows: Sequence[Row], column: str) -> float:
     return float(values[evaluated].mean())
 
 
-def _groups(rows: Sequence[Row], method_order: Sequence[str]) -> dict[tuple[str, str], list[Row]]:
+def _groups(
+    rows: Sequence[Row], method_order: Sequence[str], layer_order: Sequence[str]
+) -> dict[tuple[str, str], list[Row]]:
+    """Rows by (method, layer): methods and layers in the given orders, unknown ones after."""
     groups: dict[tuple[str, str], list[Row]] = {}
     for row in rows:
         groups.setdefault((row["method"], row["layer"]), []).append(row)
-    rank = {name: position for position, name in enumerate(method_order)}
-    return dict(sorted(groups.items(), key=lambda item: (rank.get(item[0][0], len(rank)), item[0])))
+    methods = {name: position for position, name in enumerate(method_order)}
+    layers = {name: position for position, name in enumerate(layer_order)}
+
+    def order(key: tuple[str, str]) -> tuple:
+        method, layer = key
+        return (methods.get(method, len(methods)), method, layers.get(layer, len(layers)), layer)
+
+    return {key: groups[key] for key in sorted(groups, key=order)}
 
 
 def summarize(
-    rows: Sequence[Row], columns: Sequence[str], method_order: Sequence[str] = ()
+    rows: Sequence[Row],
+    columns: Sequence[str],
+    method_order: Sequence[str] = (),
+    layer_order: Sequence[str] = (),
 ) -> MetricsTable:
     """One row per method and layer: ``examples`` (pairs) and the mean of each metric column.
 
@@ -54,7 +66,7 @@ def summarize(
     """
     scalar_columns = [column for column in columns if column not in CURVE_COLUMNS]
     table = MetricsTable(columns=["method", "layer", "examples", *scalar_columns])
-    for (method, layer), group in _groups(rows, method_order).items():
+    for (method, layer), group in _groups(rows, method_order, layer_order).items():
         cells: dict[str, object] = {"method": method, "layer": layer, "examples": len(group)}
         cells.update({column: _mean(group, column) for column in scalar_columns})
         table.rows.append(cells)
@@ -62,7 +74,11 @@ def summarize(
 
 
 def save_curves_figure(
-    rows: Sequence[Row], path: Path, method_order: Sequence[str] = (), dpi: int = 100
+    rows: Sequence[Row],
+    path: Path,
+    method_order: Sequence[str] = (),
+    layer_order: Sequence[str] = (),
+    dpi: int = 100,
 ) -> Path | None:
     """The mean deletion (and insertion) curves of every method and layer.
 
@@ -74,7 +90,7 @@ def save_curves_figure(
     if "deletion_curve" not in present:
         return None
     curves: dict[str, dict[str, Tensor]] = {column: {} for column in present}
-    for (method, layer), group in _groups(rows, method_order).items():
+    for (method, layer), group in _groups(rows, method_order, layer_order).items():
         for column in present:
             curves[column][f"{method} {layer}"] = torch.tensor(
                 [[float(value) for value in row[column].split()] for row in group]
