@@ -48,6 +48,8 @@ class LayerRecord:
             ``evidence_sign * gradient`` always points toward more evidence for the target.
         grad_enabled: whether autograd was recording when the layer ran; without it no gradient
             can reach the activation.
+        at_input: whether ``activation`` is the layer's input (its layout may differ from the
+            output's, e.g. across a ``Permute``).
     """
 
     layer: nn.Module
@@ -58,6 +60,7 @@ class LayerRecord:
     gradient: Tensor | None = None
     evidence_sign: int = 1
     grad_enabled: bool = True
+    at_input: bool = False
 
 
 class Capture(list):
@@ -116,7 +119,9 @@ def capture_layers(
 
     Every hook is removed when the block ends, also when it raises.
     """
-    records = Capture(LayerRecord(layer, layer_name(model, layer)) for layer in layers)
+    records = Capture(
+        LayerRecord(layer, layer_name(model, layer), at_input=at_input) for layer in layers
+    )
     handles = []
 
     def pre_hook(record: LayerRecord):

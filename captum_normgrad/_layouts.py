@@ -62,6 +62,8 @@ class Layout:
         checked: ``False`` when "channels at dim 1" is an assumption to check against the shape.
         token_module: the layer is itself a module acting on the last dim (always refused unchecked).
         feature_sizes: the feature sizes of the token modules in and around the layer.
+        input_side: the layout of the layer's *input* where it differs from its output's (a
+            ``Permute``, Swin's patch embedding): used with ``attribute_to_layer_input=True``.
     """
 
     name: str
@@ -69,6 +71,11 @@ class Layout:
     checked: bool = True
     token_module: bool = False
     feature_sizes: frozenset[int] = field(default_factory=frozenset)
+    input_side: Layout | None = None
+
+    def side(self, at_input: bool) -> Layout:
+        """The layout of the layer's input (``at_input``) or output."""
+        return self.input_side if at_input and self.input_side is not None else self
 
     def channels_first(self, tensor: Tensor) -> Tensor:
         """The tensor as ``(N, C, *S)``, or a ``ValueError`` when its layout cannot be known."""
@@ -170,35 +177,39 @@ def _path_to(root: nn.Module, layer: nn.Module) -> list[nn.Module] | None:
     return None
 
 
-def _known_layout(path: list[nn.Module]) -> ReshapeTransform | str | None:
-    """The layout a recognised torchvision model gives the last module of ``path``, else ``None``."""
+def _known_layout(path: list[nn.Module]) -> tuple[object, object] | None:
+    """The layouts of the input and the output of ``path[-1]`` in a recognised torchvision model
+    (``_FIRST``, ``_LAST`` or a transform), else ``None``."""
     for index in range(len(path) - 1, -1, -1):
         model = path[index]
         below = path[index + 1 :]
         if _is_torchvision(model, "VisionTransformer"):
             if below and below[0] is model.encoder:
                 side = model.image_size // model.patch_size
-                return TokensToGrid(num_prefix_tokens=1, grid_size=(side, side))
-            return _FIRST
+                tokens = TokensToGrid(num_prefix_tokens=1, grid_size=(side, side))
+                return tokens, tokens
+            return _FIRST, _FIRST
         if _is_torchvision(model, "SwinTransformer"):
-            start = _LAST if below and below[0] is model.norm else _FIRST
-            return _follow_permutes(below, start)
+            # features turn the image channels last; the final norm and permute come after them.
+            after_features = below and any(below[0] is m for m in (model.norm, model.permute))
+            return _follow_permutes(below, _LAST if after_features else _FIRST)
         if _is_torchvision(model, "ConvNeXt"):
             return _follow_permutes(below, _FIRST)
     return None
 
 
-def _follow_permutes(path: list[nn.Module], layout: str) -> str:
-    """The output layout of ``path[-1]``, following the ``Permute`` modules met on the way down."""
+def _follow_permutes(path: list[nn.Module], layout: str) -> tuple[str, str]:
+    """The layouts of ``path[-1]``'s input and output, following the ``Permute`` modules met in
+    ``nn.Sequential`` containers on the way down from the model (``layout``: the model's input)."""
     if not path:
-        return layout
+        return layout, layout
     for parent, child in zip(path, path[1:]):
         if isinstance(parent, nn.Sequential):
             for sibling in parent:
                 if sibling is child:
                     break
                 layout = _layout_after(sibling, layout)
-    return _layout_after(path[-1], layout)
+    return layout, _layout_after(path[-1], layout)
 
 
 def _feature_sizes(scope: nn.Module) -> frozenset[int]:
@@ -218,15 +229,19 @@ def _feature_sizes(scope: nn.Module) -> frozenset[int]:
     return frozenset(sizes)
 
 
+def _transform_of(kind: object) -> ReshapeTransform | None:
+    if kind == _FIRST:
+        return None
+    return channels_last_to_first if kind == _LAST else kind
+
+
 def _auto_layout(root: nn.Module | None, layer: nn.Module, name: str) -> Layout:
     path = _path_to(root, layer) if root is not None else None
     known = _known_layout(path) if path else None
-    if known == _FIRST:
-        return Layout(name)
-    if known == _LAST:
-        return Layout(name, channels_last_to_first)
     if known is not None:
-        return Layout(name, known)
+        input_kind, output_kind = known
+        input_side = None if input_kind is output_kind else Layout(name, _transform_of(input_kind))
+        return Layout(name, _transform_of(output_kind), input_side=input_side)
     is_token_module = isinstance(layer, _TOKEN_MODULES) and not (
         isinstance(layer, nn.LayerNorm) and len(layer.normalized_shape) != 1
     )

@@ -164,7 +164,7 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
     def _layer_map(self, record: LayerRecord) -> Tensor:
         """A record's activation and gradient, moved to ``(N, C, *S)`` by the layer's reshape
         transform (the same for both), then the variant's norm step."""
-        layout = self.layouts[self.layers.index(record.layer)]
+        layout = self.layouts[self.layers.index(record.layer)].side(record.at_input)
         layout.check_patches_reach_loss(record.gradient)
         activation = layout.channels_first(record.activation)
         gradient = layout.channels_first(record.gradient)

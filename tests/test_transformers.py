@@ -215,3 +215,37 @@ def test_a_user_transform_replaces_the_model_layout(vit_problem):
         grid_of(gradient, 1, 2, 8)
     )
     torch.testing.assert_close(maps, expected)
+
+
+def test_layer_inputs_get_their_own_layout_across_a_permute(one_thread):
+    """With attribute_to_layer_input, Swin's patch embedding sees the image (channels first) and
+    its final Permute a channels-last input; ConvNeXt's two Permutes likewise, the other way."""
+    swin, convnext = tiny_swin(), tiny_convnext()
+    block = convnext.features[1][0].block
+    cases = [
+        (swin, swin.features[0], torch.randn(2, 3, 16, 24, dtype=torch.float64), False),
+        (swin, swin.permute, torch.randn(2, 3, 16, 24, dtype=torch.float64), True),
+        (convnext, block[1], torch.randn(2, 3, 32, 32, dtype=torch.float64), False),
+        (convnext, block[6], torch.randn(2, 3, 32, 32, dtype=torch.float64), True),
+    ]
+    labels = torch.tensor([1, 3])
+    for model, layer, images, channels_last in cases:
+        captured = {}
+
+        def leaf_input(module, args):
+            captured["x"] = args[0].detach().requires_grad_()
+            return (captured["x"],)
+
+        handle = layer.register_forward_pre_hook(leaf_input)
+        try:
+            loss = F.cross_entropy(model(images), labels, reduction="sum")
+            (gradient,) = torch.autograd.grad(loss, captured["x"])
+        finally:
+            handle.remove()
+        activation = captured["x"].detach()
+        if not channels_last:
+            activation, gradient = activation.movedim(1, -1), gradient.movedim(1, -1)
+        maps = LayerNormGrad(model, layer).attribute(
+            images, target=labels, attribute_to_layer_input=True
+        )
+        torch.testing.assert_close(maps, last_dim_norm(activation) * last_dim_norm(gradient))
