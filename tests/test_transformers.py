@@ -229,13 +229,13 @@ def test_layer_inputs_get_their_own_layout_across_a_permute(one_thread):
         (convnext, block[6], torch.randn(2, 3, 32, 32, dtype=torch.float64), True),
     ]
     labels = torch.tensor([1, 3])
+    captured = {}
+
+    def leaf_input(module, args):
+        captured["x"] = args[0].detach().requires_grad_()
+        return (captured["x"],)
+
     for model, layer, images, channels_last in cases:
-        captured = {}
-
-        def leaf_input(module, args):
-            captured["x"] = args[0].detach().requires_grad_()
-            return (captured["x"],)
-
         handle = layer.register_forward_pre_hook(leaf_input)
         try:
             loss = F.cross_entropy(model(images), labels, reduction="sum")
