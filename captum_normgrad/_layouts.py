@@ -28,7 +28,7 @@ from captum_normgrad._capture import layer_name
 from captum_normgrad._model_state import models_behind
 from captum_normgrad.reshape import TokensToGrid, channels_last_to_first
 
-__all__ = ["Layout", "ReshapeTransform", "resolve_layouts"]
+__all__ = ["Layout", "ReshapeTransform", "is_torchvision", "resolve_layouts"]
 
 ReshapeTransform = Callable[[Tensor], Tensor]
 
@@ -72,6 +72,13 @@ class Layout:
     token_module: bool = False
     feature_sizes: frozenset[int] = field(default_factory=frozenset)
     input_side: Layout | None = None
+
+    @property
+    def channels_first_for_sure(self) -> bool:
+        """No transform, and nothing around the layer that could put its channels last."""
+        return self.transform is None and (
+            self.checked or not (self.token_module or self.feature_sizes)
+        )
 
     def side(self, at_input: bool) -> Layout:
         """The layout of the layer's input (``at_input``) or output."""
@@ -141,7 +148,8 @@ class Layout:
             )
 
 
-def _is_torchvision(module: nn.Module, class_name: str) -> bool:
+def is_torchvision(module: nn.Module, class_name: str) -> bool:
+    """Whether ``module`` is torchvision's model class ``class_name`` (not a namesake, e.g. timm's)."""
     kind = type(module)
     return kind.__name__ == class_name and kind.__module__.startswith("torchvision.models")
 
@@ -183,17 +191,17 @@ def _known_layout(path: list[nn.Module]) -> tuple[object, object] | None:
     for index in range(len(path) - 1, -1, -1):
         model = path[index]
         below = path[index + 1 :]
-        if _is_torchvision(model, "VisionTransformer"):
+        if is_torchvision(model, "VisionTransformer"):
             if below and below[0] is model.encoder:
                 side = model.image_size // model.patch_size
                 tokens = TokensToGrid(num_prefix_tokens=1, grid_size=(side, side))
                 return tokens, tokens
             return _FIRST, _FIRST
-        if _is_torchvision(model, "SwinTransformer"):
+        if is_torchvision(model, "SwinTransformer"):
             # features turn the image channels last; the final norm and permute come after them.
             after_features = below and any(below[0] is m for m in (model.norm, model.permute))
             return _follow_permutes(below, _LAST if after_features else _FIRST)
-        if _is_torchvision(model, "ConvNeXt"):
+        if is_torchvision(model, "ConvNeXt"):
             return _follow_permutes(below, _FIRST)
     return None
 

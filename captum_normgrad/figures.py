@@ -104,6 +104,20 @@ def draw_map(
     )
 
 
+def _short_name(layer_name: str, width: int = 24) -> str:
+    """A column title that fits its cell: a long dotted module name (a transformer's
+    ``encoder.layers.encoder_layer_11.ln_1``) keeps its last parts, ``...``-prefixed."""
+    if len(layer_name) <= width:
+        return layer_name
+    parts = layer_name.split(".")
+    kept = parts[-1]
+    for part in reversed(parts[:-1]):
+        if len(part) + 1 + len(kept) > width - 3:
+            break
+        kept = f"{part}.{kept}"
+    return f"...{kept}"
+
+
 def attribution_grid(
     image: Tensor,
     maps: Mapping[str, Sequence[Tensor]],
@@ -158,7 +172,7 @@ def attribution_grid(
             resolution = "x".join(str(side) for side in layer_map.shape[-2:])
             draw_map(axes[row][column], image, layer_map, None, cmap, alpha)
             if row == 0:
-                axes[row][column].set_title(f"{name} ({resolution})", fontsize=9)
+                axes[row][column].set_title(f"{_short_name(name)} ({resolution})", fontsize=9)
     if title:
         figure.suptitle(title, fontsize=11)
     figure.tight_layout()

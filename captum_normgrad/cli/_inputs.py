@@ -13,6 +13,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from captum_normgrad import data
+from captum_normgrad._layouts import is_torchvision as _is_torchvision
 from captum_normgrad.cli._errors import CliError
 from captum_normgrad.cli._models import BUNDLED_MODEL, LoadedModel
 
@@ -59,10 +60,31 @@ def resolve_layers(model: LoadedModel, names: list[str]) -> list[nn.Module]:
     return layers
 
 
+def _transformer_layer_names(module: nn.Module, count: int) -> list[str] | None:
+    """Depths for torchvision's transformers, else ``None``: a ViT's blocks' first LayerNorm, evenly
+    spaced and ending with the last block's (its output's patch tokens never reach a class-token
+    head); the stages of a Swin (channels last) or a ConvNeXt."""
+    if _is_torchvision(module, "VisionTransformer"):
+        blocks = [
+            f"encoder.layers.{name}.ln_1" for name, _ in module.encoder.layers.named_children()
+        ]
+        step = (len(blocks) - 1) / max(count - 1, 1)
+        picked = [blocks[round(index * step)] for index in range(min(count, len(blocks)))]
+        return list(dict.fromkeys(picked))
+    if _is_torchvision(module, "SwinTransformer") or _is_torchvision(module, "ConvNeXt"):
+        # features: stem, then stages alternating with downsampling (PatchMerging, LayerNorm2d+conv).
+        return [f"features.{index}" for index in range(1, len(module.features), 2)][-count:]
+    return None
+
+
 def default_layer_names(model: LoadedModel, count: int = 4) -> list[str]:
-    """The bundled model's four depths, or ``count`` convolutions evenly spaced through the model."""
+    """The bundled model's four depths, the depths of torchvision's ViT, Swin and ConvNeXt, or
+    ``count`` convolutions evenly spaced through the model."""
     if model.name == BUNDLED_MODEL:
         return list(data.EFFICIENTNET_LITE0_LAYERS)
+    transformer = _transformer_layer_names(model.module, count)
+    if transformer is not None:
+        return transformer
     convs = [name for name, m in model.module.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise CliError(f"{model.name} has no Conv2d layer; choose layers with --layers")

@@ -42,7 +42,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     explain.add_argument(
         "--model",
         default=BUNDLED_MODEL,
-        help=f"{BUNDLED_MODEL} (bundled, pretrained) or a torchvision architecture name",
+        help=f"{BUNDLED_MODEL} (bundled, pretrained) or a torchvision architecture name, e.g. "
+        "resnet50, vit_b_16, swin_t, convnext_tiny (transformer maps are laid on their grid)",
     )
     explain.add_argument(
         "--weights",
@@ -63,8 +64,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_common_options(
         explain,
         EXPLAIN_METHODS,
-        f"{' '.join(data.EFFICIENTNET_LITE0_LAYERS)} for {BUNDLED_MODEL}, four evenly spaced "
-        "convolutions otherwise",
+        f"{' '.join(data.EFFICIENTNET_LITE0_LAYERS)} for {BUNDLED_MODEL}; four blocks' ln_1 for a "
+        "ViT, the stages of a Swin or ConvNeXt; four evenly spaced convolutions otherwise",
     )
     explain.set_defaults(run=run)
 
