@@ -167,6 +167,11 @@ def test_last_block_patch_tokens_without_gradient_are_refused(vit_problem):
             method(model, model.encoder.layers[1]).attribute(images, target=labels)
     with pytest.raises(RuntimeError, match="encoder.ln.*ln_1"):
         LayerNormGrad(model, model.encoder.ln).attribute(images, target=labels)
+    with NormGradMonitor(model, model.encoder.layers[1]) as monitor:
+        with pytest.raises(RuntimeError, match="no gradient at any patch token"):
+            F.cross_entropy(model(images), labels).backward()
+    model.zero_grad(set_to_none=True)
+    assert monitor.latest is None
 
 
 def test_a_list_of_layers_equals_one_layer_at_a_time(vit_problem):
