@@ -1,25 +1,25 @@
-"""Order-1 NormGrad cost, as ratios measured in one run (DESIGN.md section 4).
+"""Order-1 NormGrad cost, as ratios measured in one run (DESIGN.md section 4, issue 12).
 
-For each model (random weights, CPU, 224x224):
-- order 1 (finite difference) / LayerGradCam at the same layer and batch (target <= 5.0), at the
-  layer Grad-CAM is made for (the last block) and at the paper's mid-depth layer;
-- order 1 / one training step (forward + backward to every parameter) of the same batch: the paper
-  counts four such passes per example, plus one forward of the batch to resolve the labels;
-- exact Hessian-vector product / finite difference.
-Then, on one model at a larger batch: the vmapped batch mode / the per-example loop (throughput,
-and peak memory above the loaded model, each measured in a fresh process).
+For each model and batch (random weights, CPU): one training step (forward + backward of the summed
+cross-entropy to every parameter, the same batch), order 1 at ``layer3`` with the finite difference
+(the paper) and with ``hvp="exact"``, and ``LayerGradCam`` at the same layer. Printed: order 1 /
+training step (target <= 4.0, stretch <= 3.0: the paper's four passes per example, two of which stop
+at the layer), exact / finite difference (target <= 1.0), order 1 / Grad-CAM. Then on one model: the
+vmapped batch mode against the per-example loop (time, and peak memory above the loaded model, each
+measured in a fresh process).
 
-The machine is shared and noisy: each timing is the minimum of ``--repeats`` calls, methods in turn,
-after a warm-up on one small image. ``--threads 1`` (default) keeps other jobs from starving
-intra-op threads.
+The machine is shared and noisy: the methods run in alternating rounds (each round calls every
+method once, in turn) after a warm-up call each, and the medians over rounds are compared.
 
-    python benchmarks/bench_order1.py                                      # batch 2, ~4 minutes
-    python benchmarks/bench_order1.py --models resnet18 --vmap-batch 4     # quick look
+    python benchmarks/bench_order1.py                               # the README's table
+    python benchmarks/bench_order1.py --models resnet18:160 --batches 4 --rounds 2   # quick look
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
 
 import torch
@@ -29,13 +29,6 @@ from peak_memory import peak_memory_above_setup_mb
 from torch import nn
 
 from captum_normgrad.order1 import LayerNormGradOrder1
-
-# (the layer Grad-CAM is made for, the paper's mid-depth layer: first 3x3 conv of the third block)
-LAYERS = {
-    "resnet18": ("layer4", "layer3.0.conv1"),
-    "resnet50": ("layer4", "layer3.0.conv2"),
-    "vgg16": ("features.29", "features.22"),
-}
 
 
 def build(model_name: str) -> nn.Module:
@@ -57,124 +50,109 @@ def training_step(model: nn.Module, images: torch.Tensor, target: torch.Tensor) 
         torch.autograd.grad(loss, parameters)
 
 
-def methods(model: nn.Module, model_name: str) -> dict:
-    deep, mid = (model.get_submodule(name) for name in LAYERS[model_name])
+def methods(model: nn.Module, layer_name: str) -> dict:
+    layer = model.get_submodule(layer_name)
+    order1 = LayerNormGradOrder1(model, layer)
+    gradcam = LayerGradCam(model, layer)
     return {
-        "gradcam_deep": lambda x, t: LayerGradCam(model, deep).attribute(x, target=t),
-        "order1_deep": lambda x, t: LayerNormGradOrder1(model, deep).attribute(x, target=t),
-        "order1_deep_exact": lambda x, t: LayerNormGradOrder1(model, deep).attribute(
-            x, target=t, hvp="exact"
-        ),
-        "gradcam_mid": lambda x, t: LayerGradCam(model, mid).attribute(x, target=t),
-        "order1_mid": lambda x, t: LayerNormGradOrder1(model, mid).attribute(x, target=t),
         "training_step": lambda x, t: training_step(model, x, t),
+        "order1": lambda x, t: order1.attribute(x, target=t, batch_mode="loop"),
+        "order1_exact": lambda x, t: order1.attribute(x, target=t, hvp="exact", batch_mode="loop"),
+        "gradcam": lambda x, t: gradcam.attribute(x, target=t),
     }
 
 
-def batch_mode_call(model: nn.Module, model_name: str, batch_mode: str):
-    mid = model.get_submodule(LAYERS[model_name][1])
-    return lambda x, t: LayerNormGradOrder1(model, mid).attribute(
-        x, target=t, batch_mode=batch_mode, chunk_size=x.shape[0]
-    )
+def batch_mode_call(model: nn.Module, layer_name: str, batch_mode: str):
+    order1 = LayerNormGradOrder1(model, model.get_submodule(layer_name))
+    return lambda x, t: order1.attribute(x, target=t, batch_mode=batch_mode, chunk_size=x.shape[0])
 
 
-def fastest(calls: dict, images: torch.Tensor, target: torch.Tensor, repeats: int) -> dict:
-    seconds = {name: float("inf") for name in calls}
-    for _ in range(repeats):
+def median_seconds(
+    calls: dict, images: torch.Tensor, target: torch.Tensor, rounds: int
+) -> dict[str, float]:
+    """Median over ``rounds`` alternating rounds, after one warm-up call of each on one image."""
+    for call in calls.values():
+        call(images[:1], target[:1])
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
         for name, call in calls.items():
             start = time.perf_counter()
             call(images, target)
-            seconds[name] = min(seconds[name], time.perf_counter() - start)
-    return seconds
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
-def peak_memory_mb(model_name: str, batch_mode: str, batch: int, size: int, threads: int) -> float:
+def peak_memory_mb(
+    model_name: str, layer: str, batch_mode: str, batch: int, size: int, threads: int
+) -> float:
     """Peak resident memory of one call above the loaded model and inputs, in a fresh process."""
     setup = f"""
 import torch; torch.set_num_threads({threads})
 import bench_order1 as bench
 model = bench.build({model_name!r}); images, target = bench.inputs({batch}, {size})
-call = bench.batch_mode_call(model, {model_name!r}, {batch_mode!r})
+call = bench.batch_mode_call(model, {layer!r}, {batch_mode!r})
 """
     return peak_memory_above_setup_mb(setup, "call(images, target)")
 
 
 def ratio_line(label: str, value: float, note: str = "") -> str:
-    return f"  {label:<44} {value:6.2f}  {note}".rstrip()
+    return f"  {label:<40} {value:6.2f}  {note}".rstrip()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "vgg16"])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--vmap-model", default="resnet18")
-    parser.add_argument("--vmap-batch", type=int, default=8)
-    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--models", nargs="+", default=["resnet18:160", "resnet50:224"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[4, 16])
+    parser.add_argument("--layer", default="layer3")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vmap-model", default="resnet18:160")
+    parser.add_argument("--vmap-batch", type=int, default=4)
+    parser.add_argument("--no-vmap", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}, "
-        f"{args.size}x{args.size}, CPU, min of {args.repeats} call(s) per method"
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, layer "
+        f"{args.layer}, medians of {args.rounds} alternating rounds; load average "
+        f"{os.getloadavg()[0]:.2f} at the start"
     )
-    warm_images, warm_target = inputs(1, 64)
-    for model_name in args.models:
+    for spec in args.models:
+        model_name, size = spec.split(":")
         model = build(model_name)
-        calls = methods(model, model_name)
-        fastest(calls, warm_images, warm_target, 1)
-        seconds = fastest(calls, *inputs(args.batch, args.size), args.repeats)
-        deep, mid = LAYERS[model_name]
-        print(f"\n{model_name} (deep layer {deep}, mid layer {mid})")
-        for name, value in seconds.items():
-            print(f"  {name:<22} {value * 1000:8.0f} ms")
-        print(
-            ratio_line(
-                f"order 1 / LayerGradCam at {deep}",
-                seconds["order1_deep"] / seconds["gradcam_deep"],
-                "(target <= 5.0)",
+        calls = methods(model, args.layer)
+        for batch in args.batches:
+            seconds = median_seconds(calls, *inputs(batch, int(size)), args.rounds)
+            print(f"\n{model_name} {size}x{size}, batch {batch}")
+            print("  " + ", ".join(f"{n} {v * 1000:.0f} ms" for n, v in seconds.items()))
+            step = seconds["training_step"]
+            print(ratio_line("order 1 / training step", seconds["order1"] / step, "(<= 4.0)"))
+            print(ratio_line("order 1 exact / training step", seconds["order1_exact"] / step))
+            print(
+                ratio_line(
+                    "exact HVP / finite difference",
+                    seconds["order1_exact"] / seconds["order1"],
+                    "(<= 1.0)",
+                )
             )
-        )
-        print(
-            ratio_line(
-                f"order 1 / LayerGradCam at {mid}",
-                seconds["order1_mid"] / seconds["gradcam_mid"],
-                "(target <= 5.0)",
-            )
-        )
-        print(
-            ratio_line(
-                f"order 1 / training step, at {deep}",
-                seconds["order1_deep"] / seconds["training_step"],
-                "(paper: 4 passes)",
-            )
-        )
-        print(
-            ratio_line(
-                f"exact HVP / finite difference, at {deep}",
-                seconds["order1_deep_exact"] / seconds["order1_deep"],
-            )
-        )
-
-    model = build(args.vmap_model)
-    calls = {mode: batch_mode_call(model, args.vmap_model, mode) for mode in ("loop", "vmap")}
-    fastest(calls, warm_images, warm_target, 1)
-    seconds = fastest(calls, *inputs(args.vmap_batch, args.size), args.repeats)
-    print(f"\n{args.vmap_model}, batch {args.vmap_batch}, layer {LAYERS[args.vmap_model][1]}")
+            print(ratio_line("order 1 / LayerGradCam", seconds["order1"] / seconds["gradcam"]))
+    if args.no_vmap:
+        return
+    model_name, size = args.vmap_model.split(":")
+    model = build(model_name)
+    calls = {mode: batch_mode_call(model, args.layer, mode) for mode in ("loop", "vmap")}
+    seconds = median_seconds(calls, *inputs(args.vmap_batch, int(size)), args.rounds)
+    print(f"\n{model_name} {size}x{size}, batch {args.vmap_batch}, one vmapped chunk")
     for mode, value in seconds.items():
-        print(f"  {mode:<6} {value * 1000:8.0f} ms   {args.vmap_batch / value:6.2f} examples/s")
-    print(ratio_line("vmap / loop throughput", seconds["loop"] / seconds["vmap"]))
-    if not args.no_memory:
-        memory = {
-            mode: peak_memory_mb(args.vmap_model, mode, args.vmap_batch, args.size, args.threads)
-            for mode in ("loop", "vmap")
-        }
-        print(
-            f"  peak memory above the model (MB): loop {memory['loop']:.0f}, "
-            f"vmap {memory['vmap']:.0f}"
-        )
-        print(ratio_line("vmap / loop peak memory", memory["vmap"] / memory["loop"]))
+        print(f"  {mode:<6} {value * 1000:8.0f} ms")
+    print(ratio_line("vmap / loop time", seconds["vmap"] / seconds["loop"]))
+    memory = {
+        mode: peak_memory_mb(model_name, args.layer, mode, args.vmap_batch, int(size), args.threads)
+        for mode in ("loop", "vmap")
+    }
+    print(
+        f"  peak memory above the model (MB): loop {memory['loop']:.0f}, vmap {memory['vmap']:.0f}"
+    )
+    print(f"  load average {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":

@@ -98,9 +98,9 @@ def choose_batch_mode(
     """The mode and the number of examples per vmapped call.
 
     ``"auto"`` takes ``"vmap"`` on CUDA, where batching one-example passes pays, and ``"loop"`` on
-    CPU, where the benchmark measured 0.8-0.9x the loop's throughput at 6x its memory (ResNet-18,
-    batch 8: one-example convolutions already keep the cores busy). A callable loss also takes the
-    loop: it would have to be written for ``vmap``. The chunk fits :func:`_memory_budget`.
+    CPU, where the plain-autograd loop is faster and needs a fraction of the memory (ResNet-18,
+    ``benchmarks/bench_order1.py``). A callable loss also takes the loop: it would have to be
+    written for ``vmap``. The chunk fits :func:`_memory_budget`.
     ``vmap_refusal`` names what torch.func cannot run in this model (a full backward hook):
     ``"vmap"`` is then refused and ``"auto"`` takes the loop.
     """

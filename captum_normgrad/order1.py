@@ -12,8 +12,9 @@ grad:
 
 ``x`` is the layer's activation, ``g = d l / d x``; the difference quotient is the paper's central
 finite difference for the Hessian-vector product ``H(theta) v`` restricted to the layer (four
-forward-backward passes per example). ``hvp="exact"`` takes that product by forward-over-reverse
-autograd instead (no ``h``). As ``eps -> 0`` the map is order 0.
+forward-backward passes per example). ``hvp="exact"`` takes that product exactly instead (no
+``h``): by a double backward in the loop, forward-over-reverse under vmap. As ``eps -> 0`` the map
+is order 0.
 
 The adversarial map descends ``-l(theta + eps grad l(theta))``: the inner step and the sign of the
 correction flip, ``theta' = theta + eps grad l(theta)`` and ``|| g_u(theta') + eps H v ||``. It
@@ -135,8 +136,15 @@ class LayerNormGradOrder1(LayerNormGrad):
     or exactly (``hvp="exact"``). Unlike order 0, the map depends on whether the step helps: in the
     paper's figures it keeps the target's evidence and drops the adversarial class's. The model is
     evaluated functionally (``torch.func.functional_call``): it is never stepped, not even
-    temporarily; the inner passes update only copies of its buffers (BatchNorm in train mode), and the
-    one forward pass of the batch that resolves the labels is undone as for order 0.
+    temporarily; the inner passes update only copies of its buffers (BatchNorm in train mode).
+
+    The passes run one example at a time with plain autograd (``batch_mode="loop"``, see
+    :mod:`captum_normgrad._order1_loop`), so full backward hooks and non-reentrant activation
+    checkpointing work: the maps equal those of the same model without them. The user's full
+    backward hooks fire in each backward pass that crosses their module (up to 4 per example).
+    Reentrant checkpointing (``use_reentrant=True``) is refused, naming the layer when it is inside
+    the checkpointed block. Any :class:`~captum_normgrad.training.NormGradMonitor` ignores the
+    passes.
 
     Args:
         forward_func: the model (an ``nn.Module``), or a bound method of one; its parameters are
@@ -198,8 +206,10 @@ class LayerNormGradOrder1(LayerNormGrad):
 
         Args:
             inputs, target, additional_forward_args, attribute_to_layer_input: as for
-                :meth:`LayerNormGrad.attribute`. The label is resolved once, from one forward pass
-                of the batch (the top-1 class when ``target`` is None), and used in every pass.
+                :meth:`LayerNormGrad.attribute`. The label is resolved at ``theta`` (the top-1
+                class when ``target`` is None) and used in every pass: from the first pass of each
+                example in the loop, from one forward pass of the batch under vmap (the same
+                labels unless BatchNorm is in training mode, where the loop's are batch-invariant).
                 Additional forward arguments that are tensors with the batch as first dimension are
                 split per example; others are passed whole.
             loss: ``"cross_entropy"`` (default) or a callable ``loss(outputs, target) -> (N,)``,
@@ -209,12 +219,18 @@ class LayerNormGradOrder1(LayerNormGrad):
             h_scale: the finite-difference step is ``h = h_scale / ||grad l(theta')||_2``
                 (paper: ``0.5``). Unused with ``hvp="exact"``.
             hvp: ``"finite_difference"`` (the paper, four passes per example) or ``"exact"``
-                (forward-over-reverse autograd, three passes, the last one carrying tangents).
-            batch_mode: ``"loop"`` runs the passes on one example at a time (least memory);
-                ``"vmap"`` runs chunks of examples through ``torch.func.vmap`` (same maps; about five
-                copies of the trainable parameters per example in a chunk); ``"auto"`` picks vmap on
-                CUDA with a cross-entropy loss, the loop otherwise (on CPU vmap measured 0.8-0.9x the
-                loop's throughput, at 6x its memory).
+                (two passes and a double backward through the first in the loop; under vmap,
+                forward-over-reverse, the last pass carrying tangents). Refused, naming the
+                operation, for a model with an operation PyTorch cannot differentiate twice
+                (``hardsigmoid`` in MobileNetV3).
+            batch_mode: ``"loop"`` runs the passes on one example at a time with plain autograd
+                (least memory, every model autograd runs); ``"vmap"`` runs chunks of examples
+                through ``torch.func.vmap`` (same maps; about five copies of the trainable
+                parameters per example in a chunk; refused for full backward hooks and
+                checkpointing, which torch.func cannot run); ``"auto"`` picks vmap on CUDA with a
+                cross-entropy loss, the loop otherwise (on CPU the loop is faster and uses less
+                memory; see the README's measured cost), and the loop wherever vmap cannot run the
+                model.
             chunk_size: examples per vmapped call; default: as many as fit in half the free CUDA
                 memory (a quarter of the available RAM on CPU).
 
@@ -225,7 +241,9 @@ class LayerNormGradOrder1(LayerNormGrad):
         Raises:
             ValueError: ``loss="output"``, non-positive ``eps`` / ``h_scale``, no parameter that
                 requires grad, dropout in training mode, non-finite inputs, a target or outputs the
-                loss cannot take.
+                loss cannot take, reentrant checkpointing, train-mode BatchNorm that cannot
+                normalise one example, ``hvp="exact"`` without a second derivative,
+                ``batch_mode="vmap"`` on a model torch.func cannot run.
             RuntimeError: a layer that never ran, or ran more than once in the forward pass.
         """
         _check_positive("eps", eps)
