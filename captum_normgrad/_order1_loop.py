@@ -187,8 +187,9 @@ class LoopPasses:
     Args:
         caller: the :class:`ForwardCaller` around the user's model.
         theta: the trainable parameters (detached, named as ``caller`` names them).
-        buffers: the model's buffers; each pass works on copies when ``copy_buffers`` (a module in
-            training mode may update them: BatchNorm's running statistics).
+        buffers: the model's buffers; each pass works on copies (BatchNorm in training mode updates
+            its running statistics, a forward may reassign a buffer), which also restores their
+            bindings after the pass.
         records: one per attributed layer (its module and name).
         at_input: tap the layers' inputs instead of their outputs.
         loss: ``loss(outputs, target) -> (1,)``.
@@ -199,7 +200,6 @@ class LoopPasses:
         caller: ForwardCaller,
         theta: Parameters,
         buffers: dict[str, Tensor],
-        copy_buffers: bool,
         records: Sequence[LayerRecord],
         at_input: bool,
         loss: Callable[[Tensor, object], Tensor],
@@ -208,7 +208,6 @@ class LoopPasses:
         self.within = _Within(caller)
         self.theta = theta
         self.buffers = buffers
-        self.copy_buffers = copy_buffers
         self.taps = _Taps(records, at_input)
         self.loss = loss
         # One parameter-sized set of tensors serves theta', then theta + h v and theta - h v, for
@@ -221,12 +220,11 @@ class LoopPasses:
         return {name: t.detach() for name, t in tensors.items()}
 
     def _at(self, params: Parameters, body: Callable[[], object]) -> object:
-        """Run ``body`` with the model's parameters replaced by ``params`` (and its buffers by
-        copies when they may change): its forward AND its backward, so that a checkpointed block
-        recomputed during the backward sees the same parameters."""
+        """Run ``body`` with the model's parameters replaced by ``params`` and its buffers by
+        copies: its forward AND its backward, so that a checkpointed block recomputed during the
+        backward sees the same parameters."""
         state = {f"caller.{name}": t for name, t in params.items()}
-        if self.copy_buffers:
-            state.update({f"caller.{name}": b.clone() for name, b in self.buffers.items()})
+        state.update({f"caller.{name}": b.clone() for name, b in self.buffers.items()})
         return functional_call(self.within, state, (body,), strict=False)
 
     def _forward(self, forward_args: tuple, tap: bool) -> Tensor:

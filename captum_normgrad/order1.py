@@ -24,6 +24,7 @@ highlights what degrades the model.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from numbers import Real
@@ -374,6 +375,15 @@ class LayerNormGradOrder1(LayerNormGrad):
                         chunk,
                         settings,
                     )
+                except NotImplementedError as error:
+                    missing = re.search(r"forward AD with (\S+)", str(error))
+                    if missing is None:
+                        raise
+                    raise ValueError(
+                        "hvp='exact' under batch_mode='vmap' takes a forward-mode derivative of the "
+                        f"gradient, and PyTorch has none for {missing.group(1)}, which this model "
+                        "uses; use hvp='finite_difference' (the paper's)"
+                    ) from error
                 except RuntimeError as error:
                     if not _beyond_torch_func(error):
                         raise
@@ -415,7 +425,6 @@ class LayerNormGradOrder1(LayerNormGrad):
             caller,
             theta,
             buffers,
-            copy_buffers=any(module.training for module in self.model.modules()),
             records=records,
             at_input=attribute_to_layer_input,
             loss=_cross_entropy if loss == "cross_entropy" else _callable_loss(loss),
