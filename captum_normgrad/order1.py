@@ -380,9 +380,10 @@ class LayerNormGradOrder1(LayerNormGrad):
                     if missing is None:
                         raise
                     raise ValueError(
-                        "hvp='exact' under batch_mode='vmap' takes a forward-mode derivative of the "
-                        f"gradient, and PyTorch has none for {missing.group(1)}, which this model "
-                        "uses; use hvp='finite_difference' (the paper's)"
+                        "hvp='exact' differentiates the model's gradient a second time (forward "
+                        "over reverse under batch_mode='vmap'), and PyTorch has no forward-mode "
+                        f"derivative of {missing.group(1)}, which this model uses; use "
+                        "hvp='finite_difference' (the paper's)"
                     ) from error
                 except RuntimeError as error:
                     if not _beyond_torch_func(error):
