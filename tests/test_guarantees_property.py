@@ -4,10 +4,9 @@ RuntimeError naming the argument or module at fault; and after every call, passi
 model is exactly as it was (values, bindings, ``.grad``, flags, every hook dict, grad mode) and the
 user's own hooks still fire.
 
-Hypothesis draws the cases (derandomized, so CI is reproducible). The order-1 failures that issue 9
-items 5-10 describe belong to the order-1 internals; a case that hits one still has its model state
-checked, and is listed in :data:`PENDING` with its own test below, which skips while the failure
-remains and must pass once it is fixed.
+Hypothesis draws the cases (derandomized, so CI is reproducible). The order-1 cases of issue 9
+items 5-9 (fixed in the order-1 internals) also have a test each below (``test_order1_item_*``):
+each either computes the right maps or is refused naming the limit and what to do.
 """
 
 from __future__ import annotations
@@ -60,14 +59,10 @@ ORDER1_LIMITS = (
     r"order 1 runs its passes on one example at a time",
 )
 
-# Issue 9 items 5-10: order-1 failures owned by the order-1 internals, by the message they give.
-PENDING = {
-    5: "linalg_vector_norm|'NoneType' object has no attribute|arg 3 must not be zero",
-    6: "vmap: inplace arithmetic",
-    7: "setup_context|saved tensor hooks",
-    8: "Trying to use forward AD",
-    9: "Expected more than 1 value per channel",
-}
+
+# Issue 9 items still open in the order-1 internals, by the message they give: a zoo case that hits
+# one still has the model's state checked; its own test below skips naming the item.
+PENDING = {8: "Trying to use forward AD"}  # hvp="exact" under batch_mode="vmap" on hardsigmoid
 
 
 def is_order1_limit(message: str) -> bool:
@@ -244,10 +239,10 @@ def check_call(case: Case, zoo: dict[str, ZooModel]) -> None:
 
     argument = {**BAD, **ORDER1_BAD}.get(case.variant)
     refusal = expected_refusal(case, spec, model)
-    if error is not None and case.method in ORDER1 and not is_order1_limit(str(error)):
+    if error is not None and case.method in ORDER1:
         if any(re.search(pattern, str(error)) for pattern in PENDING.values()):
             event(f"pending: {case.method.__name__} {str(error)[:40]}")
-            return  # issue 9 items 5-10: see the test_pending_item_* tests
+            return  # see test_order1_item_8_exact_hvp_on_hardsigmoid_is_refused_by_name
     if case.method is LayerNormGradConv and refusal == CONV_ONLY:
         assert isinstance(error, TypeError) and re.search(refusal, str(error)), repr(error)
         return
@@ -292,7 +287,7 @@ PROPERTY = settings(
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.__name__)
 @pytest.mark.parametrize("name", sorted(CUSTOM))
-@settings(PROPERTY, max_examples=12)
+@settings(PROPERTY, max_examples=20)
 @given(data=st.data())
 def test_guarantees_on_small_custom_models(name, method, data, one_thread):
     check_call(data.draw(cases(CUSTOM, name, method)), CUSTOM)
@@ -306,47 +301,30 @@ def test_guarantees_on_torchvision_models(name, method, data, one_thread):
     check_call(data.draw(cases(TORCHVISION, name, method)), TORCHVISION)
 
 
-def pending_or_pass(item: int, call) -> object:
-    """Run ``call``; while its issue 9 item is open in the order-1 internals it fails with the
-    message :data:`PENDING` names and the test is skipped; once fixed, the test must pass."""
-    try:
-        return call()
-    except Exception as error:
-        if re.search(PENDING[item], str(error)) and not is_order1_limit(str(error)):
-            pytest.skip(f"pending issue 9 item {item} (order-1 internals)")
-        raise
-
-
 @pytest.mark.parametrize("batch_mode", ["loop", "vmap"])
 @pytest.mark.parametrize("method", ORDER1, ids=lambda m: m.__name__)
-def test_pending_item_5_order1_on_an_empty_batch(method, batch_mode):
+def test_order1_item_5_order1_on_an_empty_batch(method, batch_mode):
     model = CUSTOM["bn_cnn"].build()
     before = model_snapshot(model)
-    maps = pending_or_pass(
-        5,
-        lambda: method(model, model[3]).attribute(
-            torch.randn(0, 3, 8, 8), target=0, batch_mode=batch_mode
-        ),
-    )
+    images = torch.randn(0, 3, 8, 8)
+    maps = method(model, model[3]).attribute(images, target=0, batch_mode=batch_mode)
     assert_model_unchanged(model, before)
     assert maps.shape == (0, 1, 4, 4)
 
 
-def test_pending_item_6_vmap_with_an_unused_parameter(one_thread):
+def test_order1_item_6_vmap_with_an_unused_parameter(one_thread):
     model = CUSTOM["tied_weights"].build().double()
     images = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     before = model_snapshot(model)
     attribution = LayerNormGradOrder1(model, model.decode)
-    vmapped = pending_or_pass(
-        6, lambda: attribution.attribute(images, target=[0, 3], batch_mode="vmap")
-    )
+    vmapped = attribution.attribute(images, target=[0, 3], batch_mode="vmap")
     assert_model_unchanged(model, before)
     loop = attribution.attribute(images, target=[0, 3], batch_mode="loop")
     torch.testing.assert_close(vmapped, loop)
 
 
 @pytest.mark.parametrize("condition", ["full_backward_hook", "reentrant", "non_reentrant"])
-def test_pending_item_7_order1_with_hooks_or_checkpointing(condition, one_thread):
+def test_order1_item_7_order1_with_hooks_or_checkpointing(condition, one_thread):
     plain = CUSTOM["checkpoint_non_reentrant"].build().double()
     plain.reentrant = None  # no checkpointing: the reference
     model = copy.deepcopy(plain)
@@ -356,45 +334,37 @@ def test_pending_item_7_order1_with_hooks_or_checkpointing(condition, one_thread
         model.reentrant = condition == "reentrant"
     images = torch.randn(2, 3, 7, 7, dtype=torch.float64)
     before = model_snapshot(model)
-    try:
-        maps = pending_or_pass(
-            7, lambda: LayerNormGradOrder1(model, model.stem).attribute(images, target=[0, 1])
-        )
-    except (ValueError, RuntimeError) as refusal:  # a refusal naming the module and the reason
-        assert re.search("'head'|use_reentrant=False", str(refusal)), str(refusal)
+    attribution = LayerNormGradOrder1(model, model.stem)
+    if condition == "reentrant":
+        with pytest.raises((ValueError, RuntimeError), match="use_reentrant=False"):
+            attribution.attribute(images, target=[0, 1], batch_mode="loop")
     else:
+        maps = attribution.attribute(images, target=[0, 1], batch_mode="loop")
         expected = LayerNormGradOrder1(plain, plain.stem).attribute(images, target=[0, 1])
         torch.testing.assert_close(maps, expected)
     assert_model_unchanged(model, before)
 
 
-def test_pending_item_8_exact_hvp_on_hardsigmoid(one_thread):
+@pytest.mark.parametrize("batch_mode", ["loop", "vmap"])
+def test_order1_item_8_exact_hvp_on_hardsigmoid_is_refused_by_name(batch_mode, one_thread):
     model = TORCHVISION["mobilenet_v3_small"].build()
     before = model_snapshot(model)
     try:
-        maps = pending_or_pass(
-            8,
-            lambda: LayerNormGradOrder1(model, model.features[2]).attribute(
-                torch.randn(1, 3, 32, 32), target=1, hvp="exact"
-            ),
-        )
-    except (ValueError, RuntimeError, NotImplementedError) as refusal:
-        assert "hardsigmoid" in str(refusal) and "hvp" in str(refusal), str(refusal)
-    else:
-        assert torch.isfinite(maps).all()
+        with pytest.raises(ValueError, match="hardsigmoid.*hvp='finite_difference'"):
+            LayerNormGradOrder1(model, model.features[2]).attribute(
+                torch.randn(1, 3, 32, 32), target=1, hvp="exact", batch_mode=batch_mode
+            )
+    except NotImplementedError as error:
+        assert_model_unchanged(model, before)
+        if re.search(PENDING[8], str(error)):
+            pytest.skip("pending issue 9 item 8 (order-1 internals)")
+        raise
     assert_model_unchanged(model, before)
 
 
-def test_pending_item_9_order1_on_a_train_mode_resnet(one_thread):
+def test_order1_item_9_train_mode_batchnorm_on_one_example_is_explained(one_thread):
     model = TORCHVISION["resnet18"].build().train()
     before = model_snapshot(model)
-    try:
-        pending_or_pass(
-            9,
-            lambda: LayerNormGradOrder1(model, model.layer3).attribute(
-                torch.randn(2, 3, 32, 32), target=[0, 1]
-            ),
-        )
-    except ValueError as refusal:
-        assert "one example at a time" in str(refusal), str(refusal)
+    with pytest.raises(ValueError, match="one example at a time"):
+        LayerNormGradOrder1(model, model.layer3).attribute(torch.randn(2, 3, 32, 32), target=[0, 1])
     assert_model_unchanged(model, before)
