@@ -60,11 +60,6 @@ ORDER1_LIMITS = (
 )
 
 
-# Issue 9 items still open in the order-1 internals, by the message they give: a zoo case that hits
-# one still has the model's state checked; its own test below skips naming the item.
-PENDING = {8: "Trying to use forward AD"}  # hvp="exact" under batch_mode="vmap" on hardsigmoid
-
-
 def is_order1_limit(message: str) -> bool:
     """A refusal of order 1 that names its limit and what to do instead."""
     return any(re.search(limit, message) for limit in ORDER1_LIMITS)
@@ -239,10 +234,6 @@ def check_call(case: Case, zoo: dict[str, ZooModel]) -> None:
 
     argument = {**BAD, **ORDER1_BAD}.get(case.variant)
     refusal = expected_refusal(case, spec, model)
-    if error is not None and case.method in ORDER1:
-        if any(re.search(pattern, str(error)) for pattern in PENDING.values()):
-            event(f"pending: {case.method.__name__} {str(error)[:40]}")
-            return  # see test_order1_item_8_exact_hvp_on_hardsigmoid_is_refused_by_name
     if case.method is LayerNormGradConv and refusal == CONV_ONLY:
         assert isinstance(error, TypeError) and re.search(refusal, str(error)), repr(error)
         return
@@ -349,16 +340,10 @@ def test_order1_item_7_order1_with_hooks_or_checkpointing(condition, one_thread)
 def test_order1_item_8_exact_hvp_on_hardsigmoid_is_refused_by_name(batch_mode, one_thread):
     model = TORCHVISION["mobilenet_v3_small"].build()
     before = model_snapshot(model)
-    try:
-        with pytest.raises(ValueError, match="hardsigmoid.*hvp='finite_difference'"):
-            LayerNormGradOrder1(model, model.features[2]).attribute(
-                torch.randn(1, 3, 32, 32), target=1, hvp="exact", batch_mode=batch_mode
-            )
-    except NotImplementedError as error:
-        assert_model_unchanged(model, before)
-        if re.search(PENDING[8], str(error)):
-            pytest.skip("pending issue 9 item 8 (order-1 internals)")
-        raise
+    with pytest.raises(ValueError, match="hardsigmoid.*hvp='finite_difference'"):
+        LayerNormGradOrder1(model, model.features[2]).attribute(
+            torch.randn(1, 3, 32, 32), target=1, hvp="exact", batch_mode=batch_mode
+        )
     assert_model_unchanged(model, before)
 
 
