@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captum_normgrad._asset_names import EFFICIENTNET_LITE0_LAYERS, SAMPLE_PHOTOS
+
 __all__ = [
     "COMPOSITE_PAIRS",
     "EFFICIENTNET_LITE0_LAYERS",
@@ -66,11 +68,6 @@ EFFICIENTNET_LITE_STD = (128.0 / 255.0,) * 3
 # torchvision's ImageNet classifiers were trained with these.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# Four depths of EfficientNet-Lite0 for a 224 x 224 input: 56x56, 28x28, 14x14 and 7x7 maps. The
-# last is the head's pre-activation, the usual Grad-CAM layer. (The model's `_swish` module is shared
-# by every block, so it runs many times per pass and cannot be attributed.)
-EFFICIENTNET_LITE0_LAYERS = ("_blocks.2", "_blocks.4", "_blocks.10", "_bn1")
 
 
 def _optional(module: str, distribution: str, purpose: str) -> ModuleType:
@@ -160,8 +157,6 @@ _PHOTOS: dict[str, _Photo] = {
     "grace_hopper": _Photo(_matplotlib_grace_hopper, 652, "matplotlib"),  # military uniform
 }
 
-SAMPLE_PHOTOS: tuple[str, ...] = tuple(_PHOTOS)
-"""The names :func:`load_photo` and :func:`load_sample` accept."""
 
 COMPOSITE_PAIRS: tuple[tuple[str, str], ...] = (
     ("chelsea", "coffee"),

@@ -32,3 +32,7 @@ def device(request) -> str:
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("CUDA is not available")
     return request.param
+
+
+# The command-line tests' fixtures: a photo as a PNG file, a small state dict.
+from cli_fixtures import cat_png, squeezenet_weights  # noqa: E402, F401

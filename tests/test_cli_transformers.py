@@ -14,8 +14,8 @@ from transformer_models import tiny_vit
 
 from captum_normgrad import data
 from captum_normgrad.cli import main
+from captum_normgrad.cli._gradcams import LayerGradCams
 from captum_normgrad.cli._inputs import default_layer_names
-from captum_normgrad.cli._methods import LayerGradCams
 from captum_normgrad.cli._models import LoadedModel
 
 

@@ -23,6 +23,7 @@ from captum_normgrad.metrics import (
     explanation_scores,
     input_shaped_explanation,
     insertion_auc,
+    localization_accuracy,
     localization_iou,
     pointing_game,
     pointing_game_accuracy,
@@ -94,13 +95,16 @@ def test_one_row_per_method_and_layer_with_the_means_of_the_direct_metrics(tmp_p
         "localization_accuracy",
         "selectivity",
     ]
-    # The Grad-CAM row equals the metrics computed directly on the whole data set.
-    images = torch.cat([batch[0] for batch in loader])
-    labels = torch.cat([batch[1] for batch in loader])
-    boxes = [box for batch in loader for box in batch[2]]
+    # The Grad-CAM row equals the metrics computed directly on the examples with ground truth:
+    # every number of a row is over the examples every metric could score (issue 9 item 19).
+    with_boxes = [0, 2, 3, 5]
+    images = torch.cat([batch[0] for batch in loader])[with_boxes]
+    labels = torch.cat([batch[1] for batch in loader])[with_boxes]
+    boxes = [box for batch in loader for box in batch[2] if box is not None]
     maps = gradcam.attribute(images, target=labels, relu_attributions=True)
     row = table.rows[2]
-    assert row["examples"] == 6
+    assert row["examples"] == 4
+    assert all(table_row["examples"] == 4 for table_row in table.rows)
     expected = {
         "deletion_auc": deletion_auc(model, images, maps, labels, n_steps=8).mean(),
         "insertion_auc": insertion_auc(model, images, maps, labels, n_steps=8).mean(),
@@ -108,7 +112,8 @@ def test_one_row_per_method_and_layer_with_the_means_of_the_direct_metrics(tmp_p
         "pointing_game": pointing_game_accuracy(
             pointing_game(maps, boxes=boxes, image_size=(16, 16)), labels
         ),
-        "localization_iou": localization_iou(maps, boxes, (16, 16)).nanmean(),
+        "localization_iou": localization_iou(maps, boxes, (16, 16)).mean(),
+        "localization_accuracy": localization_accuracy(localization_iou(maps, boxes, (16, 16))),
     }
     for column, value in expected.items():
         assert row[column] == pytest.approx(value.item(), abs=1e-5), column
@@ -233,3 +238,35 @@ def test_mask_ground_truth_goes_to_the_pointing_game():
         progress=False,
     )
     assert table.rows[0]["pointing_game"] == 0.5  # class 0 hit, class 1 missed
+
+
+def test_examples_without_ground_truth_are_skipped_not_misses():
+    # Issue 9 item 19: localization_accuracy counted the example without boxes as a miss (4/6 for
+    # maps that cover every box), and `examples` counted it. Channel 0 of each image is the map.
+    boxes = [torch.tensor([[2, 2, 9, 9]]), None, torch.tensor([[0, 4, 16, 12]])]
+    images = torch.zeros(3, 3, 16, 16)
+    images[0, 0, 2:9, 2:9] = 1
+    images[2, 0, 4:12, 0:16] = 1
+    labels = torch.tensor([0, 1, 2])
+
+    def box_map(inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return inputs[:, :1]
+
+    table = evaluate_attributions(
+        SmallNet().eval(), {"box": box_map}, [(images, labels, boxes)], ["localization"],
+        progress=False,
+    )  # fmt: skip
+    (row,) = table.rows
+    assert row["examples"] == 2
+    assert row["localization_accuracy"] == 1.0
+    assert row["localization_iou"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_no_example_with_ground_truth_is_an_error_naming_the_metric():
+    images = torch.zeros(2, 3, 16, 16)
+    loader = [(images, torch.tensor([0, 1]), [None, None])]
+    with pytest.raises(ValueError, match="pointing_game skipped them all"):
+        evaluate_attributions(
+            SmallNet().eval(), {"zero": lambda inputs, target: inputs[:, :1]}, loader,
+            ["pointing_game"], progress=False,
+        )  # fmt: skip

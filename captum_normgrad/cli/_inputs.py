@@ -1,15 +1,18 @@
 """What the command line reads from the user, checked up front so a mistake is one clear line.
 
 Every function here raises :class:`CliError` with a message meant to be printed as is: a missing or
-unreadable image, an unknown layer (with the valid names), a class out of range. The model itself is
-loaded by :mod:`captum_normgrad.cli._models`.
+unreadable image, an unknown layer or one without locations to map (listing the layers that have a
+map, found by one forward pass), a class out of range or named without the names installed. The
+model itself is loaded by :mod:`captum_normgrad.cli._models`.
 """
 
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from captum_normgrad import data
@@ -17,7 +20,14 @@ from captum_normgrad._layouts import is_torchvision as _is_torchvision
 from captum_normgrad.cli._errors import CliError
 from captum_normgrad.cli._models import BUNDLED_MODEL, LoadedModel
 
-__all__ = ["default_layer_names", "read_image", "resolve_layers", "resolve_target"]
+__all__ = [
+    "LayerRun",
+    "default_layer_names",
+    "probe_layers",
+    "read_image",
+    "resolve_layers",
+    "resolve_target",
+]
 
 
 def read_image(path: str | Path) -> Tensor:
@@ -40,24 +50,89 @@ def read_image(path: str | Path) -> Tensor:
         raise CliError(f"cannot use {path}: {error}") from error
 
 
-def resolve_layers(model: LoadedModel, names: list[str]) -> list[nn.Module]:
-    """The modules named ``names`` in the model; an unknown name lists the valid ones."""
-    modules = dict(model.module.named_modules())
-    modules.pop("", None)
-    layers = []
-    for name in names:
-        if name not in modules:
-            close = difflib.get_close_matches(name, list(modules), n=3)
-            hint = f"did you mean {', '.join(close)}? " if close else ""
-            shallow = [key for key in modules if key.count(".") <= 1]
-            raise CliError(
-                f"unknown layer {name!r} in {model.name}; {hint}valid names include: "
-                + ", ".join(shallow)
-            )
-        layers.append(modules[name])
+@dataclass(frozen=True)
+class LayerRun:
+    """What one forward pass showed of a module: how often it ran and the shape it returned."""
+
+    calls: int
+    shape: tuple[int, ...] | None  # None: the output is not a tensor (a tuple, say)
+
+    def problem(self) -> str | None:
+        """Why no map can be drawn at this module, or ``None`` when one can.
+
+        A map needs a tensor output with locations: ``(N, C, H, W)`` or tokens ``(N, T, C)`` (which
+        the library lays out or refuses by name). ``(N, C)`` (a classifier, a pooled vector) has
+        none, and a module that runs several times per pass (EfficientNet's shared ``_swish``)
+        has no single activation to explain.
+        """
+        if self.calls == 0:
+            return "does not run in the forward pass (a container?)"
+        if self.calls > 1:
+            return f"runs {self.calls} times per forward pass (a shared module)"
+        if self.shape is None:
+            return "does not return a tensor"
+        if len(self.shape) < 3:
+            return f"returns shape {self.shape}: no locations to map"
+        return None
+
+
+def probe_layers(model: LoadedModel, inputs: Tensor) -> tuple[Tensor, dict[str, LayerRun]]:
+    """One forward pass without gradients: the output and, per named module, what it did."""
+    calls: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...] | None] = {}
+
+    def recorder(name: str):
+        def record(module: nn.Module, args: object, output: object) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            shapes[name] = tuple(output.shape) if isinstance(output, Tensor) else None
+
+        return record
+
+    modules = [(name, module) for name, module in model.module.named_modules() if name]
+    handles = [module.register_forward_hook(recorder(name)) for name, module in modules]
+    try:
+        with torch.no_grad():
+            output = model.module(inputs)
+    except RuntimeError as error:
+        raise CliError(f"{model.name} cannot run on this input: {error}") from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    runs = {name: LayerRun(calls.get(name, 0), shapes.get(name)) for name, _ in modules}
+    return output, runs
+
+
+def resolve_layers(
+    model: LoadedModel, names: list[str], runs: dict[str, LayerRun]
+) -> list[nn.Module]:
+    """The modules named ``names``; an unknown name or one without a map lists the valid ones.
+
+    Args:
+        model: the loaded model.
+        names: module names from ``--layers`` (or the defaults).
+        runs: :func:`probe_layers`'s record of a forward pass on the input to explain.
+    """
     if len(set(names)) != len(names):
         raise CliError(f"a layer is named twice in --layers: {' '.join(names)}")
-    return layers
+    valid = [name for name, run in runs.items() if run.problem() is None]
+    listed = [name for name in valid if name.count(".") <= 1]
+    valid_list = ", ".join(listed) + (
+        f" (and {len(valid) - len(listed)} deeper ones)" if len(valid) > len(listed) else ""
+    )
+    modules = dict(model.module.named_modules())
+    for name in names:
+        if name not in runs:
+            close = difflib.get_close_matches(name, list(runs), n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise CliError(
+                f"unknown layer {name!r} in {model.name}; {hint}layers with a map: {valid_list}"
+            )
+        problem = runs[name].problem()
+        if problem is not None:
+            raise CliError(
+                f"layer {name!r} of {model.name} {problem}; layers with a map: {valid_list}"
+            )
+    return [modules[name] for name in names]
 
 
 def _transformer_layer_names(module: nn.Module, count: int) -> list[str] | None:
@@ -102,6 +177,11 @@ def resolve_target(model: LoadedModel, target: str | None) -> int | None:
     try:
         index = int(target)
     except ValueError:
+        if model.names_missing is not None:
+            raise CliError(
+                f"--target {target!r} is a class name, but {model.names_missing}; give the class "
+                "index instead"
+            ) from None
         lowered = [name.lower() for name in model.class_names]
         if target.lower() in lowered:
             return lowered.index(target.lower())

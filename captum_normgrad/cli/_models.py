@@ -8,6 +8,8 @@ a torchvision architecture gets its random initial weights or the user's local s
 from __future__ import annotations
 
 import difflib
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from captum_normgrad import data
+from captum_normgrad._asset_names import BUNDLED_MODEL
 from captum_normgrad.cli._errors import CliError
 
 __all__ = ["BUNDLED_MODEL", "LoadedModel", "load_model"]
-
-BUNDLED_MODEL = "efficientnet_lite0"
 
 
 @dataclass
@@ -29,9 +30,11 @@ class LoadedModel:
     Attributes:
         name: ``efficientnet_lite0`` or a torchvision architecture name.
         module: the model, in eval mode.
-        class_names: one name per output class.
+        class_names: one name per output class (``class 0``, ... when the names are unknown).
         mean: the normalisation mean the model was trained with.
         std: the normalisation std.
+        names_missing: why ``class_names`` are placeholders (e.g. the extra that provides the
+            ImageNet names is not installed), or ``None`` when they are real.
     """
 
     name: str
@@ -39,6 +42,7 @@ class LoadedModel:
     class_names: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    names_missing: str | None = None
 
     def prepare(self, image: Tensor) -> Tensor:
         """A ``(3, H, W)`` image in [0, 1] -> a normalised batch of one for this model."""
@@ -51,33 +55,65 @@ def _torchvision_architectures() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def _is_torch_file(path: Path) -> bool:
+    """``torch.save`` writes a zip archive (or, before torch 1.6, a pickle: first byte 0x80)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with path.open("rb") as handle:
+        return handle.read(1) == b"\x80"
+
+
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise CliError(f"weights file not found: {path}")
+    if not _is_torch_file(path):
+        raise CliError(
+            f"weights file {path} was not written by torch.save; pass a state dict saved with "
+            "torch.save(model.state_dict(), PATH)"
+        )
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a file that is not a checkpoint
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CliError(f"cannot read weights file {path}: {reason}") from error
+    except pickle.UnpicklingError as error:  # weights_only refused an object
+        raise CliError(
+            f"weights file {path} holds Python objects besides tensors, which are never loaded "
+            "(torch.load(weights_only=True)); save model.state_dict() instead of the model"
+        ) from error
+    except Exception as error:  # a truncated or corrupt archive: torch raises several types
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CliError(
+            f"cannot read weights file {path} ({type(error).__name__}: {reason}); is it complete?"
+        ) from error
     if isinstance(loaded, dict):
         for key in ("state_dict", "model"):  # common checkpoint wrappers
             if isinstance(loaded.get(key), dict):
                 loaded = loaded[key]
     if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
-        raise CliError(f"weights file {path} does not hold a state dict (name -> tensor)")
+        raise CliError(
+            f"weights file {path} holds a {type(loaded).__name__}, not a state dict (parameter "
+            "name -> tensor); save it with torch.save(model.state_dict(), PATH)"
+        )
     return loaded
 
 
+def _only_classes_differ(misshapen: list[tuple[torch.Size, torch.Size]]) -> bool:
+    """Every mismatch is the first dimension (outputs) of the final layer's weight and bias."""
+    return 0 < len(misshapen) <= 2 and all(
+        file[1:] == model[1:] and file[0] == misshapen[0][0][0] for file, model in misshapen
+    )
+
+
 def _load_weights(model: nn.Module, name: str, path: Path) -> None:
-    """Load a state dict strictly, explaining a mismatch in one line instead of torch's essay."""
+    """Load a state dict strictly, explaining a mismatch in one line instead of torch's essay.
+
+    ``--num-classes`` is suggested only when the file fits but for the classifier's output count;
+    a file from another architecture (VGG weights for a ResNet) is said to be one.
+    """
     state = _read_state_dict(path)
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     misshapen = [
-        f"{key} {tuple(state[key].shape)} vs {tuple(tensor.shape)}"
-        for key, tensor in expected.items()
-        if key in state and state[key].shape != tensor.shape
+        key for key, tensor in expected.items() if key in state and state[key].shape != tensor.shape
     ]
     problems = []
     if missing:
@@ -85,14 +121,19 @@ def _load_weights(model: nn.Module, name: str, path: Path) -> None:
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
     if misshapen:
-        problems.append(f"{len(misshapen)} of another shape (e.g. {misshapen[0]}; file vs model)")
-    if problems:
+        key = misshapen[0]
+        example = f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
+        problems.append(f"{len(misshapen)} of another shape (e.g. {example}; file vs model)")
+    if not problems:
+        model.load_state_dict(state, strict=True)
+        return
+    shapes = [(state[key].shape, expected[key].shape) for key in misshapen]
+    if not missing and not unexpected and _only_classes_differ(shapes):
+        classes = shapes[0][0][0]
         raise CliError(
-            f"weights in {path} do not fit the architecture {name}: "
-            + ", ".join(problems)
-            + " (for another number of classes, pass --num-classes)"
+            f"weights in {path} are for {name} with {classes} classes: pass --num-classes {classes}"
         )
-    model.load_state_dict(state, strict=True)
+    raise CliError(f"weights in {path} are not for the architecture {name}: " + ", ".join(problems))
 
 
 def load_model(name: str, weights: str | None = None, num_classes: int = 1000) -> LoadedModel:
@@ -125,11 +166,11 @@ def load_model(name: str, weights: str | None = None, num_classes: int = 1000) -
     if weights is not None:
         _load_weights(module, name, Path(weights))
     module.eval()
+    class_names = [f"class {index}" for index in range(num_classes)]
+    names_missing = f"{name} has {num_classes} classes, without names"
     if num_classes == 1000:
         try:
-            class_names = data.imagenet_class_names()
-        except ImportError:
-            class_names = [f"class {index}" for index in range(num_classes)]
-    else:
-        class_names = [f"class {index}" for index in range(num_classes)]
-    return LoadedModel(name, module, class_names, tuple(mean), tuple(std))
+            class_names, names_missing = data.imagenet_class_names(), None
+        except ImportError as error:  # says which extra to install
+            names_missing = str(error)
+    return LoadedModel(name, module, class_names, tuple(mean), tuple(std), names_missing)

@@ -2,30 +2,16 @@
 
 The model is the bundled EfficientNet-Lite0 or a torchvision architecture with a local state dict
 (:mod:`captum_normgrad.cli._models`); the target is a class index, an exact class name or the top-1
-prediction.
+prediction. Every path the user gave is checked before the model is loaded; heavy imports happen
+inside :func:`run`, so ``--help`` does not pay for torch.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-import torch
-from torch import Tensor
-
-from captum_normgrad import data
-from captum_normgrad.cli._errors import CliError
-from captum_normgrad.cli._inputs import (
-    default_layer_names,
-    read_image,
-    resolve_layers,
-    resolve_target,
-)
-from captum_normgrad.cli._methods import METHODS, attribute_or_fail
-from captum_normgrad.cli._models import BUNDLED_MODEL, LoadedModel, load_model
-from captum_normgrad.cli._options import add_common_options, positive_int
-from captum_normgrad.cli._table import format_table
-from captum_normgrad.figures import attribution_grid, save_figure
+from captum_normgrad._asset_names import BUNDLED_MODEL, EFFICIENTNET_LITE0_LAYERS
+from captum_normgrad.cli._options import add_common_options, add_repeats_option, positive_int
 
 __all__ = ["EXPLAIN_METHODS", "add_parser", "run"]
 
@@ -64,29 +50,45 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_common_options(
         explain,
         EXPLAIN_METHODS,
-        f"{' '.join(data.EFFICIENTNET_LITE0_LAYERS)} for {BUNDLED_MODEL}; four blocks' ln_1 for a "
+        f"{' '.join(EFFICIENTNET_LITE0_LAYERS)} for {BUNDLED_MODEL}; four blocks' ln_1 for a "
         "ViT, the stages of a Swin or ConvNeXt; four evenly spaced convolutions otherwise",
     )
+    add_repeats_option(explain)
     explain.set_defaults(run=run)
-
-
-def _predict(model: LoadedModel, inputs: Tensor) -> Tensor:
-    try:
-        with torch.no_grad():
-            return model.module(inputs).softmax(dim=1)
-    except RuntimeError as error:
-        raise CliError(f"{model.name} cannot run on this input: {error}") from error
 
 
 def run(args: argparse.Namespace) -> int:
     """Maps of the chosen methods at the chosen layers for the user's own image."""
+    from pathlib import Path
+
+    from captum_normgrad.cli._inputs import read_image
+    from captum_normgrad.cli._outputs import check_output_folder, writing
+
+    out = check_output_folder(args.out)  # the paths first: before any computation
+    photo = read_image(args.image)
+
+    import torch
+
+    from captum_normgrad import data
+    from captum_normgrad.cli._inputs import (
+        default_layer_names,
+        probe_layers,
+        resolve_layers,
+        resolve_target,
+    )
+    from captum_normgrad.cli._methods import METHODS, attribute_or_fail, median_seconds
+    from captum_normgrad.cli._models import load_model
+    from captum_normgrad.cli._table import format_table
+    from captum_normgrad.figures import attribution_grid, save_figure
+
     model = load_model(args.model, args.weights, args.num_classes)
-    image = data.center_crop(read_image(args.image), args.image_size)
-    layer_names = args.layers or default_layer_names(model)
-    layers = resolve_layers(model, layer_names)
     target = resolve_target(model, args.target)
+    image = data.center_crop(photo, args.image_size)
     inputs = model.prepare(image)
-    probabilities = _predict(model, inputs)[0]
+    logits, runs = probe_layers(model, inputs)
+    layer_names = args.layers or default_layer_names(model)
+    layers = resolve_layers(model, layer_names, runs)
+    probabilities = logits.softmax(dim=1)[0]
     top = probabilities.topk(min(5, probabilities.numel()))
     predictions = ", ".join(
         f"{model.class_names[int(index)]} ({int(index)}) {float(p):.2f}"
@@ -99,14 +101,18 @@ def run(args: argparse.Namespace) -> int:
     targets = torch.tensor([target])
     rows, figure_maps = [], {}
     for method in args.methods:
-        maps, seconds = attribute_or_fail(method, model.module, layers, inputs, targets)
+        maps = attribute_or_fail(method, model.module, layers, inputs, targets)
         figure_maps[METHODS[method].label] = [layer_map[0] for layer_map in maps]
-        rows.append({"method": METHODS[method].label, "seconds": seconds})
+        if args.repeats:
+            seconds = median_seconds(method, model.module, layers, inputs, targets, args.repeats)
+            rows.append({"method": METHODS[method].label, "median_s": seconds})
+    if rows:
+        print(format_table(rows))
+        print(f"median_s: median seconds of {args.repeats} warm call(s), after a warm-up call")
     title = f"{Path(args.image).name}: maps for '{model.class_names[target]}' ({model.name})"
     figure = attribution_grid(image, figure_maps, layer_names, title=title)
-    path = save_figure(
-        figure, Path(args.out) / f"explain_{Path(args.image).stem}.png", dpi=args.dpi
-    )
-    print(format_table(rows))
+    figure_path = out / f"explain_{Path(args.image).stem}.png"
+    with writing(figure_path):
+        path = save_figure(figure, figure_path, dpi=args.dpi)
     print(f"figure: {path}")
     return 0

@@ -100,17 +100,17 @@ def _metric_values(
         }
     if name == "localization":
         ious = localization_iou(maps, ground_truth, images.shape[-2:], options["threshold"])
-        return {"localization_iou": ious, "localization_accuracy": (ious >= 0.5).to(ious.dtype)}
+        # An example without ground truth is NaN in both columns (skipped, as in
+        # localization_accuracy()), not a miss: NaN >= 0.5 would read as False.
+        hits = torch.where(ious.isnan(), ious, (ious >= 0.5).to(ious.dtype))
+        return {"localization_iou": ious, "localization_accuracy": hits}
     raise AssertionError(name)
 
 
 def _mean(column: str, values: Tensor, classes: Tensor) -> float:
     if column == "pointing_game":
         return float(pointing_game_accuracy(values, classes))
-    evaluated = values[~torch.isnan(values)]
-    if evaluated.numel() == 0:
-        raise ValueError(f"no example could be scored for {column} (no ground truth given?)")
-    return float(evaluated.double().mean())
+    return float(values.double().mean())
 
 
 def evaluate_attributions(
@@ -158,10 +158,15 @@ def evaluate_attributions(
     Returns:
         A :class:`MetricsTable` with columns ``method, layer, examples`` and each metric's means
         (fractions, not percent). The pointing game is averaged per class (the loader's labels).
+        The pointing game and localization skip an example without ground truth (``None`` boxes,
+        an empty mask), as their standalone functions do; an undefined value (a constant map's
+        selectivity) is skipped too. Every mean of a row is then over the same examples, those
+        every requested metric could score, so the numbers of a row compare like with like, and
+        ``examples`` counts them.
 
     Raises:
-        ValueError: an unknown metric, a batch without ground truth for a metric that needs it, or
-            any metric's own input errors.
+        ValueError: an unknown metric, a batch without ground truth for a metric that needs it, no
+            example that every metric could score, or any metric's own input errors.
     """
     unknown = [name for name in metrics if name not in METRICS]
     if unknown or not metrics or len(set(metrics)) != len(metrics):
@@ -229,13 +234,28 @@ def evaluate_attributions(
 def _table(
     values: dict[tuple[str, str], dict[str, list[Tensor]]], columns: list[str], classes: Tensor
 ) -> MetricsTable:
-    """Per-example values of every batch -> one row of means per method and layer."""
+    """Per-example values of every batch -> one row of means per method and layer.
+
+    Every mean of a row is over the same examples, those every metric could score (``NaN`` marks
+    a skipped one), and ``examples`` counts them.
+    """
     table = MetricsTable(columns=["method", "layer", "examples", *columns])
     for (method_name, layer), row in values.items():
-        cells: dict[str, object] = {"method": method_name, "layer": layer}
-        for column in columns:
-            per_example = torch.cat(row[column])
-            cells["examples"] = per_example.numel()
-            cells[column] = _mean(column, per_example, classes)
+        per_example = {column: torch.cat(row[column]) for column in columns}
+        scored = torch.stack([~column_values.isnan() for column_values in per_example.values()])
+        scored = scored.all(dim=0)
+        if not scored.any():
+            skipping = [column for column, cells in per_example.items() if cells.isnan().any()]
+            raise ValueError(
+                f"no example could be scored by every metric for {method_name} at {layer}: "
+                f"{', '.join(skipping)} skipped them all (no ground truth given?)"
+            )
+        cells: dict[str, object] = {
+            "method": method_name,
+            "layer": layer,
+            "examples": int(scored.sum()),
+        }
+        for column, column_values in per_example.items():
+            cells[column] = _mean(column, column_values[scored], classes[scored])
         table.rows.append(cells)
     return table

@@ -1,0 +1,91 @@
+"""The options of ``evaluate --data``, kept free of torch so that ``--help`` answers at once.
+
+The work itself is in :mod:`captum_normgrad.cli._evaluate_data`, imported only when ``--data`` is
+given.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from captum_normgrad._asset_names import BUNDLED_MODEL
+from captum_normgrad.cli._errors import CliError
+from captum_normgrad.cli._options import positive_int
+
+__all__ = [
+    "DATASET_METRIC_NAMES",
+    "DATA_STEPS",
+    "add_data_options",
+    "check_no_data_options",
+]
+
+# The keys of captum_normgrad.evaluation.DATASET_METRICS (a test checks they agree); spelled out
+# here because importing the evaluation package imports torch.
+DATASET_METRIC_NAMES = ("pointing", "localization", "deletion", "insertion")
+
+DATA_STEPS = 50
+"""Deletion / insertion steps on a data set by default (RISE's protocol)."""
+
+# dest names of the options that only mean something with --data
+_DATA_ONLY = (
+    "split", "model", "weights", "num_classes", "metrics", "image_size", "crop", "mean", "std",
+    "no_antialias", "difficult_flags", "limit", "threads", "device",
+)  # fmt: skip
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``evaluate`` that take a data set instead of the bundled photos."""
+    group = parser.add_argument_group("a data set instead of the bundled photos")
+    group.add_argument(
+        "--data",
+        metavar="KIND:PATH",
+        help="voc:VOCdevkit/VOC2007, coco:PATH (annotations/ and the split's image folder) or "
+        "folder:PATH (a folder per class; deletion and insertion only)",
+    )
+    group.add_argument("--split", help="VOC image list (default test), COCO split (val2014)")
+    group.add_argument(
+        "--model", help=f"a torchvision architecture (default: {BUNDLED_MODEL}, bundled)"
+    )
+    group.add_argument("--weights", help="a local state dict for --model (weights_only=True)")
+    group.add_argument("--num-classes", type=positive_int, help="outputs of --model (1000)")
+    group.add_argument(
+        "--metrics",
+        nargs="+",
+        choices=list(DATASET_METRIC_NAMES),
+        metavar="METRIC",
+        help=f"any of {' '.join(DATASET_METRIC_NAMES)} (default: pointing)",
+    )
+    group.add_argument(
+        "--image-size", type=positive_int, help="shorter side after resizing (default: 224)"
+    )
+    group.add_argument("--crop", type=positive_int, help="a centre square crop after resizing")
+    group.add_argument("--mean", nargs=3, type=float, metavar="M", help="default: the model's")
+    group.add_argument("--std", nargs=3, type=float, metavar="S", help="default: the model's")
+    group.add_argument(
+        "--no-antialias", action="store_true", help="resize without antialiasing (TorchRay, Caffe)"
+    )
+    group.add_argument(
+        "--difficult-flags", metavar="FILE", help="TorchRay's EBP difficult-subset file"
+    )
+    group.add_argument("--limit", type=positive_int, help="only the first N images")
+    group.add_argument(
+        "--threads",
+        type=positive_int,
+        help="intra-op threads per process; per-example results are identical across numbers "
+        "of processes at the same value",
+    )
+    group.add_argument("--device", choices=["cpu", "cuda"], help="default: CUDA when available")
+
+
+def check_no_data_options(args: argparse.Namespace) -> None:
+    """Without ``--data``, the data-set options are a mistake: say so instead of ignoring them."""
+    given = [
+        "--" + name.replace("_", "-")
+        for name in _DATA_ONLY
+        if getattr(args, name) not in (None, False)
+    ]
+    if given:
+        raise CliError(
+            f"{' '.join(given)} apply to a data set: add --data KIND:PATH (without it, evaluate "
+            "uses the bundled photos)"
+        )
