@@ -62,7 +62,7 @@ def cat_png(tmp_path_factory) -> str:
 def test_explain_a_torchvision_transformer(name, cat_png, tmp_path, capsys, one_thread):
     """Random weights, but a local state dict for ConvNeXt; ViT-B/16 needs its 224 pixels."""
     arguments = ["explain", "--image", cat_png, "--model", name, "--out", str(tmp_path)]
-    arguments += ["--methods", "normgrad", "gradcam"]
+    arguments += ["--methods", "normgrad", "gradcam", "--repeats", "1"]
     if name == "vit_b_16":
         arguments += ["--layers", "encoder.layers.encoder_layer_11.ln_1"]
     else:

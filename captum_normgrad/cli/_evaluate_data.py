@@ -17,7 +17,7 @@ import torch
 
 from captum_normgrad.cli._errors import CliError
 from captum_normgrad.cli._evaluate_data_options import DATA_STEPS
-from captum_normgrad.cli._inputs import default_layer_names, resolve_layers
+from captum_normgrad.cli._inputs import default_layer_names, probe_layers, resolve_layers
 from captum_normgrad.cli._methods import METHODS, build_method
 from captum_normgrad.cli._models import BUNDLED_MODEL, load_model
 from captum_normgrad.evaluation import (
@@ -65,7 +65,10 @@ def run_on_data(args: argparse.Namespace, bundled_layers: Sequence[str]) -> int:
         layer_names = list(bundled_layers)
     else:
         layer_names = default_layer_names(model)
-    layers = resolve_layers(model, layer_names)
+    # Which layers have a map is read from one forward pass at the size the model will see.
+    side = args.crop or args.image_size or 224
+    _, runs = probe_layers(model, torch.zeros(1, 3, side, side))
+    layers = resolve_layers(model, layer_names, runs)
     device = _device(args.device)
     module = model.module.to(device)
     methods = {METHODS[name].label: build_method(name, module, layers) for name in args.methods}
