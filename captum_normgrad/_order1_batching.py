@@ -32,7 +32,11 @@ __all__ = [
     "target_of_example",
 ]
 
-BatchMode = Literal["auto", "loop", "vmap"]
+BatchMode = Literal["auto", "factored", "loop", "vmap"]
+
+# Examples per factored chunk when chunk_size is None: each keeps about six activation-sized
+# tensors per layer with parameters alive (two passes' factors and the graph of one pass).
+FACTORED_CHUNK = 16
 
 # Per example in a vmapped chunk: the stepped (then shifted) parameters, their gradient, the gradient
 # in flight, and the activations. benchmarks/bench_order1.py measured 3.5 on ResNet-18 at 224x224,
@@ -94,8 +98,10 @@ def choose_batch_mode(
     parameter_bytes: int,
     callable_loss: bool,
     vmap_refusal: str | None = None,
-) -> tuple[Literal["loop", "vmap"], int]:
-    """The mode and the number of examples per vmapped call.
+) -> tuple[Literal["factored", "loop", "vmap"], int]:
+    """The mode and the number of examples per vmapped call or factored chunk.
+
+    ``"factored"`` reaches here only where it can run (``"auto"`` asks for it then).
 
     ``"auto"`` takes ``"vmap"`` on CUDA, where batching one-example passes pays, and ``"loop"`` on
     CPU, where the plain-autograd loop is faster and needs a fraction of the memory (ResNet-18,
@@ -104,8 +110,10 @@ def choose_batch_mode(
     ``vmap_refusal`` names what torch.func cannot run in this model (a full backward hook):
     ``"vmap"`` is then refused and ``"auto"`` takes the loop.
     """
-    if batch_mode not in ("auto", "loop", "vmap"):
-        raise ValueError(f"batch_mode must be 'auto', 'loop' or 'vmap', got {batch_mode!r}")
+    if batch_mode not in ("auto", "factored", "loop", "vmap"):
+        raise ValueError(
+            f"batch_mode must be 'auto', 'factored', 'loop' or 'vmap', got {batch_mode!r}"
+        )
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
@@ -115,6 +123,8 @@ def choose_batch_mode(
             f"batch_mode='vmap' runs the passes under torch.func.vmap, which cannot run this model: "
             f"{vmap_refusal}. Use batch_mode='loop' (same maps)"
         )
+    if batch_mode == "factored":
+        return "factored", min(chunk_size or FACTORED_CHUNK, num_examples)
     if batch_mode == "loop" or vmap_refusal is not None:
         return "loop", 1
     if chunk_size is None:

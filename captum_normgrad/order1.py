@@ -58,8 +58,10 @@ from captum_normgrad._order1_batching import (
     target_of_example,
 )
 from captum_normgrad._order1_batching import is_per_example as _is_per_example
+from captum_normgrad._order1_factored import FactoredPasses, FactoredUnsupported
 from captum_normgrad._order1_loop import LoopPasses
 from captum_normgrad._order1_passes import PER_EXAMPLE, ExampleLoss, ForwardCaller
+from captum_normgrad._order1_traced import factored_refusal
 from captum_normgrad.losses import LossSpec, class_labels, per_example_loss
 from captum_normgrad.normgrad import LayerNormGrad, check_finite_inputs
 from captum_normgrad.training.monitor import monitor_paused
@@ -340,8 +342,14 @@ class LayerNormGradOrder1(LayerNormGrad):
         if num_examples == 0:
             return self._empty_records(inputs, target, args, attribute_to_layer_input, loss)
         hooked = _full_backward_hook_owner(self.model)
+        cannot_factor = self._factored_refusal(batch_mode, loss, exact_hvp)
+        if batch_mode == "factored" and cannot_factor is not None:
+            raise ValueError(
+                f"batch_mode='factored' cannot run this model: {cannot_factor}. Use "
+                "batch_mode='loop' (same maps)"
+            )
         mode, chunk = choose_batch_mode(
-            batch_mode,
+            "factored" if batch_mode == "auto" and cannot_factor is None else batch_mode,
             chunk_size,
             num_examples,
             inputs[0].device,
@@ -361,6 +369,23 @@ class LayerNormGradOrder1(LayerNormGrad):
             # The fused attention kernels have no vmap rule and no second derivative.
             _differentiable_attention(exact_hvp or mode == "vmap"),
         ):
+            if mode == "factored":
+                try:
+                    return self._factored_records(
+                        inputs,
+                        target,
+                        args,
+                        attribute_to_layer_input,
+                        loss,
+                        caller,
+                        theta,
+                        chunk,
+                        settings,
+                    )
+                except FactoredUnsupported:
+                    if batch_mode != "auto":
+                        raise
+                    # "auto": the loop computes the same maps one example at a time.
             if mode == "vmap":
                 try:
                     return self._vmapped_records(
@@ -405,6 +430,83 @@ class LayerNormGradOrder1(LayerNormGrad):
                 buffers,
                 settings,
             )
+
+    def _factored_refusal(
+        self, batch_mode: BatchMode, loss: LossSpec, exact_hvp: bool
+    ) -> str | None:
+        """Why the factored passes cannot serve this call (None if they can)."""
+        if batch_mode not in ("auto", "factored"):
+            return "not asked for"
+        if exact_hvp:
+            return "hvp='exact' runs one example at a time (batch_mode='loop')"
+        if batch_mode == "auto" and loss != "cross_entropy":
+            # A callable written for one example at a time may not be one for a batch.
+            return "a callable loss is called on one example at a time unless asked otherwise"
+        return factored_refusal(self.model, self.forward_func, self.layers)
+
+    def _factored_records(
+        self,
+        inputs: tuple[Tensor, ...],
+        target: TargetType,
+        args: tuple,
+        attribute_to_layer_input: bool,
+        loss: LossSpec,
+        caller: ForwardCaller,
+        theta: dict[str, Tensor],
+        chunk_size: int,
+        settings: dict,
+    ) -> list[LayerRecord]:
+        """Chunks of examples, each pass one batched forward and backward; pass 1's forward at
+        ``theta`` resolves and checks the labels."""
+        num_examples = inputs[0].shape[0]
+        records = [LayerRecord(layer, layer_name(self.model, layer)) for layer in self.layers]
+        modules = {
+            name: module
+            for name, module in self.model.named_modules()
+            if any(p.requires_grad for p in module.parameters(recurse=False))
+        }
+        passes = FactoredPasses(
+            caller,
+            theta,
+            modules,
+            records=records,
+            at_input=attribute_to_layer_input,
+            loss=_cross_entropy if loss == "cross_entropy" else _callable_loss(loss),
+        )
+        per_example = [_is_per_example(a, num_examples) for a in args]
+
+        def resolve(start: int, stop: int) -> Callable[[Tensor], object]:
+            def resolve_target(outputs: Tensor) -> object:
+                if start == 0:  # the batch's target checked once, before any backward
+                    batch_outputs = outputs[:1].expand(num_examples, *outputs.shape[1:])
+                    per_example_loss(batch_outputs, target, loss)
+                chunk_target = _chunk_of(target, start, stop, num_examples)
+                if loss != "cross_entropy":
+                    return chunk_target
+                return class_labels(outputs, chunk_target)
+
+            return resolve_target
+
+        activations, corrected = [], []
+        with passes.hooks():
+            for start in range(0, num_examples, chunk_size):
+                stop = min(start + chunk_size, num_examples)
+                forward_args = (
+                    *(x[start:stop] for x in inputs),
+                    *(a[start:stop] if each else a for a, each in zip(args, per_example)),
+                )
+                chunk_activations, chunk_corrected = passes.chunk_terms(
+                    forward_args,
+                    resolve(start, stop),
+                    settings["learning_rate"],
+                    settings["h_scale"],
+                )
+                activations.append(chunk_activations)
+                corrected.append(chunk_corrected)
+        for position, record in enumerate(records):
+            record.activation = torch.cat([a[position] for a in activations])
+            record.gradient = torch.cat([c[position] for c in corrected])
+        return records
 
     def _loop_records(
         self,
@@ -519,6 +621,16 @@ class LayerNormGradOrder1(LayerNormGrad):
             record.activation = record.activation.detach()
             record.gradient = torch.zeros_like(record.activation)
         return records
+
+
+def _chunk_of(target: TargetType, start: int, stop: int, num_examples: int) -> TargetType:
+    """The part of Captum's ``target`` for examples ``start:stop``: per-example forms are sliced,
+    a target shared by the batch is kept."""
+    if _is_per_example(target, num_examples) and not (num_examples == 1 and target.dim() == 0):
+        return target[start:stop]
+    if isinstance(target, list) and len(target) == num_examples and num_examples > 1:
+        return target[start:stop]
+    return target
 
 
 def _full_backward_hook_owner(model: nn.Module) -> str | None:

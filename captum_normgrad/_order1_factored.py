@@ -1,0 +1,286 @@
+"""The passes of NormGrad order 1 for a chunk of examples at once (``batch_mode="factored"``).
+
+Each pass is ONE batched forward and backward of the user's model at the shared parameters
+``theta``; forward hooks on every layer with parameters add each example's own update, kept as
+factors (:mod:`captum_normgrad._order1_factors`). So the examples share the batch's efficient
+kernels while each one runs at its own parameters, and no parameter-sized tensor is made per
+example. Per chunk:
+
+1. at ``theta``: the factors of ``G_i = grad l_i(theta)`` (each layer's input, and the gradient at
+   its output); this forward also resolves the labels;
+2. at ``theta - lr G_i``: the factors of ``v_i = grad l_i(theta')``, and ``x`` and ``g`` at the
+   attributed layers;
+3. and 4. at ``theta +- h_i v_i``: ``g`` at the attributed layers only, the backward stopping there.
+
+Autograd is asked only for gradients at layer outputs (zero tensors added there), never for a
+parameter's gradient: the parameters are detached aliases during the passes. Which models this can
+run is decided beforehand by :mod:`captum_normgrad._order1_traced`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from captum_normgrad._capture import LayerRecord, check_each_ran_once
+from captum_normgrad._order1_factors import Factors, ModuleRule, rule_for
+from captum_normgrad._order1_passes import ForwardCaller, Parameters
+
+__all__ = ["FactoredPasses", "FactoredUnsupported"]
+
+
+class FactoredUnsupported(RuntimeError):
+    """Something only seen while running the passes that the factored mode cannot follow (an
+    in-place change of a recorded tensor, a layer run twice); the loop computes the same maps."""
+
+
+@dataclass
+class _Update:
+    """Each example's parameters in a pass: ``theta + scale_i * D_i``, ``D`` as factors per layer."""
+
+    factors: dict[str, Factors]
+    scale: Tensor
+
+
+@dataclass
+class _Pass:
+    """What the hooks do in the current forward pass."""
+
+    update: _Update | None = None
+    record_factors: bool = False
+    tap_layers: bool = False
+    forward_done: bool = False
+
+
+def _checked(saved: tuple[Tensor, int], what: str) -> Tensor:
+    """A tensor saved during the forward pass, refused if an in-place operation changed it since."""
+    tensor, version = saved
+    if tensor._version != version:
+        raise FactoredUnsupported(
+            f"the {what} was modified in place after it was recorded, so batch_mode='factored' "
+            "cannot use it; use batch_mode='loop' (same maps)"
+        )
+    return tensor
+
+
+class FactoredPasses:
+    """The passes for a chunk of examples at once.
+
+    Args:
+        caller: the :class:`ForwardCaller` around the user's model.
+        theta: the trainable parameters (detached, named as ``caller`` names them).
+        modules: the layers with trainable parameters, by qualified name in the model.
+        records: one per attributed layer.
+        at_input: tap the attributed layers' inputs instead of their outputs.
+        loss: ``loss(outputs, target) -> (B,)``.
+    """
+
+    def __init__(
+        self,
+        caller: ForwardCaller,
+        theta: Parameters,
+        modules: dict[str, nn.Module],
+        records: Sequence[LayerRecord],
+        at_input: bool,
+        loss: Callable[[Tensor, object], Tensor],
+    ) -> None:
+        self.caller = caller
+        self.rules: dict[str, ModuleRule] = {name: rule_for(m) for name, m in modules.items()}
+        self.modules = modules
+        # Every parameter (frozen ones too) is a detached alias during the passes: autograd then
+        # builds no weight-gradient work, and the user's tensor hooks never fire.
+        self.aliases = {f"model.{name}": p.detach() for name, p in caller.model.named_parameters()}
+        del theta  # the trainable set is read from the modules' own parameters by their rules
+        self.records = list(records)
+        self.at_input = at_input
+        self.loss = loss
+        self.state = _Pass()
+        self.calls: dict[str, int] = {}
+        self.module_inputs: dict[str, tuple[Tensor, int]] = {}
+        self.module_zeros: dict[str, Tensor] = {}
+        self.layer_values: list[tuple[Tensor, int] | None] = []
+        self.layer_zeros: list[Tensor | None] = []
+
+    # ------------------------------------------------------------------ hooks
+    def _module_hook(self, name: str) -> Callable:
+        rule = self.rules[name]
+
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+            state = self.state
+            if state.forward_done:
+                return None
+            self.calls[name] = self.calls.get(name, 0) + 1
+            new_input = args[0]
+            update = state.update
+            if update is not None and name in update.factors:
+                correction = rule.correction(
+                    new_input, output.shape, update.factors[name], update.scale
+                )
+                if correction is not None:
+                    output = output + correction
+            if state.record_factors:
+                self.module_inputs[name] = (new_input.detach(), new_input._version)
+                zero = torch.zeros_like(output, requires_grad=True)
+                self.module_zeros[name] = zero
+                output = output + zero
+            return output
+
+        return hook
+
+    def _layer_tap(self, index: int, value: Tensor) -> Tensor | None:
+        state = self.state
+        if state.forward_done:
+            return None
+        record = self.records[index]
+        record.calls += 1
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            kind = value.dtype if isinstance(value, Tensor) else type(value).__name__
+            raise TypeError(
+                f"layer '{record.name}' gives {kind}; order 1 needs a floating-point tensor"
+            )
+        if value.dim() == 0 or value.shape[0] != self.chunk:
+            raise ValueError(
+                f"layer '{record.name}' has an activation of shape {tuple(value.shape)} for a "
+                f"chunk of {self.chunk} examples; order 1 needs batch-first activations"
+            )
+        if not state.tap_layers or record.calls > 1:
+            return None
+        self.layer_values[index] = (value.detach(), value._version)
+        zero = torch.zeros_like(value, requires_grad=True)
+        self.layer_zeros[index] = zero
+        return value + zero
+
+    @contextmanager
+    def hooks(self) -> Iterator[FactoredPasses]:
+        def output_tap(index: int) -> Callable:
+            def hook(module: nn.Module, args: tuple, output: object) -> Tensor | None:
+                return self._layer_tap(index, output)
+
+            return hook
+
+        def input_tap(index: int) -> Callable:
+            def hook(module: nn.Module, args: tuple) -> tuple | None:
+                tapped = self._layer_tap(index, args[0] if args else None)
+                return None if tapped is None else (tapped, *args[1:])
+
+            return hook
+
+        handles = []
+        try:
+            # The layers' own hooks first: an attributed layer with parameters is tapped after its
+            # update is added (its output) or before the layer runs (its input).
+            for name, module in self.modules.items():
+                handles.append(module.register_forward_hook(self._module_hook(name)))
+            for index, record in enumerate(self.records):
+                if self.at_input:
+                    handles.append(record.layer.register_forward_pre_hook(input_tap(index)))
+                else:
+                    handles.append(record.layer.register_forward_hook(output_tap(index)))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # ------------------------------------------------------------------ passes
+    def _forward(self, forward_args: tuple, state: _Pass) -> Tensor:
+        self.state = state
+        self.calls = {}
+        self.module_inputs, self.module_zeros = {}, {}
+        self.layer_values = [None] * len(self.records)
+        self.layer_zeros = [None] * len(self.records)
+        for record in self.records:
+            record.calls = 0
+        outputs = functional_call(self.caller, self.aliases, forward_args, strict=False)
+        check_each_ran_once(self.records)
+        for name, count in self.calls.items():
+            if count != 1:
+                raise FactoredUnsupported(
+                    f"module '{name}' ran {count} times in one forward pass; batch_mode='factored' "
+                    "needs each layer with parameters to run once. Use batch_mode='loop'"
+                )
+        state.forward_done = True
+        return outputs
+
+    def _factors(self, gradients: Sequence[Tensor | None]) -> dict[str, Factors]:
+        factors = {}
+        for (name, zero), gradient in zip(self.module_zeros.items(), gradients):
+            inputs = _checked(self.module_inputs[name], f"input of module '{name}'")
+            factors[name] = Factors(
+                inputs, torch.zeros_like(zero) if gradient is None else gradient
+            )
+        return factors
+
+    def _grad(self, loss: Tensor, wrt: Sequence[Tensor]) -> list[Tensor | None]:
+        if not wrt or not loss.requires_grad:
+            return [None] * len(wrt)
+        return list(torch.autograd.grad(loss, list(wrt), allow_unused=True))
+
+    def _layer_gradients(self, found: Sequence[Tensor | None]) -> list[Tensor]:
+        return [
+            torch.zeros_like(zero) if gradient is None else gradient
+            for zero, gradient in zip(self.layer_zeros, found)
+        ]
+
+    def chunk_terms(
+        self,
+        forward_args: tuple,
+        resolve_target: Callable[[Tensor], object],
+        learning_rate: float,
+        h_scale: float,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """``x(theta')`` and ``g(theta') - lr H(theta) v`` at each layer for the chunk whose forward
+        arguments are ``forward_args`` (batch first)."""
+        self.chunk = forward_args[0].shape[0]
+
+        # 1. theta: the factors of each example's gradient; the labels.
+        outputs = self._forward(forward_args, _Pass(record_factors=True))
+        target = resolve_target(outputs.detach())
+        loss = self.loss(outputs, target).sum()
+        del outputs
+        first = self._factors(self._grad(loss, list(self.module_zeros.values())))
+        del loss
+
+        # 2. theta' = theta - lr G: the direction v, and x and g at the layers.
+        device = forward_args[0].device
+        scale = torch.full((self.chunk,), -learning_rate, dtype=torch.float64, device=device)
+        outputs = self._forward(
+            forward_args, _Pass(_Update(first, scale), record_factors=True, tap_layers=True)
+        )
+        loss = self.loss(outputs, target).sum()
+        del outputs
+        found = self._grad(loss, [*self.module_zeros.values(), *self.layer_zeros])
+        del loss
+        direction = self._factors(found[: len(self.module_zeros)])
+        gradients = self._layer_gradients(found[len(self.module_zeros) :])
+        activations = [
+            _checked(saved, f"activation of layer '{record.name}'")
+            for saved, record in zip(self.layer_values, self.records)
+        ]
+        del first, found
+
+        # 3. and 4. theta +- h v, h = h_scale / ||v|| per example (h_scale for a zero direction).
+        squared = sum(
+            (self.rules[name].squared_norm(f).double() for name, f in direction.items()),
+            torch.zeros(self.chunk, dtype=torch.float64, device=device),
+        )
+        norm = squared.sqrt()
+        h = torch.where(norm > 0, h_scale / norm, torch.full_like(norm, h_scale))
+        plus = self._shifted_gradients(forward_args, target, _Update(direction, h))
+        minus = self._shifted_gradients(forward_args, target, _Update(direction, -h))
+        corrected = []
+        for g, p, m in zip(gradients, plus, minus):
+            step = h.to(g.dtype).reshape(-1, *[1] * (g.dim() - 1))
+            corrected.append(g - learning_rate * ((p - m) / (2 * step)))
+        return activations, corrected
+
+    def _shifted_gradients(
+        self, forward_args: tuple, target: object, update: _Update
+    ) -> list[Tensor]:
+        outputs = self._forward(forward_args, _Pass(update, tap_layers=True))
+        loss = self.loss(outputs, target).sum()
+        return self._layer_gradients(self._grad(loss, self.layer_zeros))
