@@ -2,11 +2,12 @@
 
 For each model and batch (random weights, CPU): one training step (forward + backward of the summed
 cross-entropy to every parameter, the same batch), order 1 at ``layer3`` with the finite difference
-(the paper) and with ``hvp="exact"``, and ``LayerGradCam`` at the same layer. Printed: order 1 /
+(the paper) as ``batch_mode="auto"`` runs it (the factored passes, for these models) and as the
+per-example loop, with ``hvp="exact"``, and ``LayerGradCam`` at the same layer. Printed: order 1 /
 training step (target <= 4.0, stretch <= 3.0: the paper's four passes per example, two of which stop
-at the layer), exact / finite difference (target <= 1.0), order 1 / Grad-CAM. Then on one model: the
-vmapped batch mode against the per-example loop (time, and peak memory above the loaded model, each
-measured in a fresh process).
+at the layer), the loop / training step, exact / finite difference (target <= 1.0), order 1 /
+Grad-CAM. Then on one model and batch: the three batch modes' time and peak memory above the loaded
+model (each measured in a fresh process).
 
 The machine is shared and noisy: the methods run in alternating rounds (each round calls every
 method once, in turn) after a warm-up call each, and the medians over rounds are compared.
@@ -56,8 +57,9 @@ def methods(model: nn.Module, layer_name: str) -> dict:
     gradcam = LayerGradCam(model, layer)
     return {
         "training_step": lambda x, t: training_step(model, x, t),
-        "order1": lambda x, t: order1.attribute(x, target=t, batch_mode="loop"),
-        "order1_exact": lambda x, t: order1.attribute(x, target=t, hvp="exact", batch_mode="loop"),
+        "order1": lambda x, t: order1.attribute(x, target=t),
+        "order1_loop": lambda x, t: order1.attribute(x, target=t, batch_mode="loop"),
+        "order1_exact": lambda x, t: order1.attribute(x, target=t, hvp="exact"),
         "gradcam": lambda x, t: gradcam.attribute(x, target=t),
     }
 
@@ -106,9 +108,9 @@ def main() -> None:
     parser.add_argument("--layer", default="layer3")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--vmap-model", default="resnet18:160")
-    parser.add_argument("--vmap-batch", type=int, default=4)
-    parser.add_argument("--no-vmap", action="store_true")
+    parser.add_argument("--vmap-model", default="resnet18:160", help="model of the batch modes")
+    parser.add_argument("--vmap-batch", type=int, default=16, help="batch of the batch modes")
+    parser.add_argument("--no-vmap", action="store_true", help="skip the batch-mode comparison")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -126,6 +128,11 @@ def main() -> None:
             print("  " + ", ".join(f"{n} {v * 1000:.0f} ms" for n, v in seconds.items()))
             step = seconds["training_step"]
             print(ratio_line("order 1 / training step", seconds["order1"] / step, "(<= 4.0)"))
+            print(
+                ratio_line(
+                    "order 1, per-example loop / training step", seconds["order1_loop"] / step
+                )
+            )
             print(ratio_line("order 1 exact / training step", seconds["order1_exact"] / step))
             print(
                 ratio_line(
@@ -139,18 +146,21 @@ def main() -> None:
         return
     model_name, size = args.vmap_model.split(":")
     model = build(model_name)
-    calls = {mode: batch_mode_call(model, args.layer, mode) for mode in ("loop", "vmap")}
+    modes = ("loop", "factored", "vmap")
+    calls = {mode: batch_mode_call(model, args.layer, mode) for mode in modes}
     seconds = median_seconds(calls, *inputs(args.vmap_batch, int(size)), args.rounds)
-    print(f"\n{model_name} {size}x{size}, batch {args.vmap_batch}, one vmapped chunk")
+    print(f"\n{model_name} {size}x{size}, batch {args.vmap_batch}, one chunk")
     for mode, value in seconds.items():
-        print(f"  {mode:<6} {value * 1000:8.0f} ms")
+        print(f"  {mode:<8} {value * 1000:8.0f} ms")
+    print(ratio_line("factored / loop time", seconds["factored"] / seconds["loop"]))
     print(ratio_line("vmap / loop time", seconds["vmap"] / seconds["loop"]))
     memory = {
         mode: peak_memory_mb(model_name, args.layer, mode, args.vmap_batch, int(size), args.threads)
-        for mode in ("loop", "vmap")
+        for mode in modes
     }
     print(
-        f"  peak memory above the model (MB): loop {memory['loop']:.0f}, vmap {memory['vmap']:.0f}"
+        "  peak memory above the model (MB): "
+        + ", ".join(f"{mode} {memory[mode]:.0f}" for mode in modes)
     )
     print(f"  load average {os.getloadavg()[0]:.2f} at the end")
 

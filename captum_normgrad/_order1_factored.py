@@ -102,7 +102,9 @@ class FactoredPasses:
         self.state = _Pass()
         self.calls: dict[str, int] = {}
         self.module_inputs: dict[str, tuple[Tensor, int]] = {}
-        self.module_zeros: dict[str, Tensor] = {}
+        self.module_outputs: dict[str, Tensor] = {}  # (shape and dtype, for a gradient of zero)
+        self.module_grads: dict[str, Tensor] = {}
+        self.replaced: dict[str, Tensor] = {}  # inputs held from a pre-hook to its forward hook
         self.layer_values: list[tuple[Tensor, int] | None] = []
         self.layer_zeros: list[Tensor | None] = []
 
@@ -115,20 +117,49 @@ class FactoredPasses:
             if state.forward_done:
                 return None
             self.calls[name] = self.calls.get(name, 0) + 1
-            new_input = args[0]
             update = state.update
-            if update is not None and name in update.factors:
-                correction = rule.correction(
-                    new_input, output.shape, update.factors[name], update.scale
-                )
-                if correction is not None:
-                    output = output + correction
+            if name in self.replaced:
+                new_input = self.replaced.pop(name)
+                output = rule.output_at(new_input, update.factors[name], update.scale)
+            else:
+                new_input = args[0]
+                if update is not None and name in update.factors:
+                    correction = rule.correction(
+                        new_input, output.shape, update.factors[name], update.scale
+                    )
+                    if correction is not None:
+                        output = output + correction
             if state.record_factors:
                 self.module_inputs[name] = (new_input.detach(), new_input._version)
-                zero = torch.zeros_like(output, requires_grad=True)
-                self.module_zeros[name] = zero
-                output = output + zero
+                self.module_outputs[name] = output
+                if output.requires_grad:
+                    # d loss / d output, as the output was here: a tensor hook fires with the
+                    # gradient of this value even if an in-place operation downstream
+                    # (ReLU(inplace=True)) changes the tensor later, and costs no copy.
+                    output.register_hook(self._gradient_hook(name))
             return output
+
+        return hook
+
+    def _gradient_hook(self, name: str) -> Callable[[Tensor], None]:
+        def hook(gradient: Tensor) -> None:
+            self.module_grads[name] = gradient
+
+        return hook
+
+    def _module_pre_hook(self, name: str) -> Callable:
+        """Where the rule computes the whole output at the update, the module itself runs on an
+        empty batch (no work) and its forward hook returns the rule's output."""
+        rule = self.rules[name]
+
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            update = self.state.update
+            if self.state.forward_done or update is None or name not in update.factors:
+                return None
+            if not rule.replaces(update.factors[name]):
+                return None
+            self.replaced[name] = args[0]
+            return (args[0][:0], *args[1:])
 
         return hook
 
@@ -174,12 +205,14 @@ class FactoredPasses:
         try:
             # The layers' own hooks first: an attributed layer with parameters is tapped after its
             # update is added (its output) or before the layer runs (its input).
-            for name, module in self.modules.items():
-                handles.append(module.register_forward_hook(self._module_hook(name)))
-            for index, record in enumerate(self.records):
-                if self.at_input:
+            if self.at_input:  # before the modules' own pre-hooks, which may empty the input
+                for index, record in enumerate(self.records):
                     handles.append(record.layer.register_forward_pre_hook(input_tap(index)))
-                else:
+            for name, module in self.modules.items():
+                handles.append(module.register_forward_pre_hook(self._module_pre_hook(name)))
+                handles.append(module.register_forward_hook(self._module_hook(name)))
+            if not self.at_input:
+                for index, record in enumerate(self.records):
                     handles.append(record.layer.register_forward_hook(output_tap(index)))
             yield self
         finally:
@@ -190,7 +223,8 @@ class FactoredPasses:
     def _forward(self, forward_args: tuple, state: _Pass) -> Tensor:
         self.state = state
         self.calls = {}
-        self.module_inputs, self.module_zeros = {}, {}
+        self.module_inputs, self.module_outputs, self.module_grads = {}, {}, {}
+        self.replaced = {}
         self.layer_values = [None] * len(self.records)
         self.layer_zeros = [None] * len(self.records)
         for record in self.records:
@@ -206,13 +240,17 @@ class FactoredPasses:
         state.forward_done = True
         return outputs
 
-    def _factors(self, gradients: Sequence[Tensor | None]) -> dict[str, Factors]:
+    def _factors(self) -> dict[str, Factors]:
+        """Each layer's input and output gradient from the last backward pass; a layer the loss
+        does not depend on (its hook never fired) has a zero gradient."""
         factors = {}
-        for (name, zero), gradient in zip(self.module_zeros.items(), gradients):
+        for name, output in self.module_outputs.items():
             inputs = _checked(self.module_inputs[name], f"input of module '{name}'")
-            factors[name] = Factors(
-                inputs, torch.zeros_like(zero) if gradient is None else gradient
-            )
+            gradient = self.module_grads.get(name)
+            if gradient is None:
+                gradient = torch.zeros(output.shape, dtype=output.dtype, device=output.device)
+            factors[name] = Factors(inputs, gradient)
+        self.module_outputs, self.module_grads = {}, {}
         return factors
 
     def _grad(self, loss: Tensor, wrt: Sequence[Tensor]) -> list[Tensor | None]:
@@ -236,27 +274,36 @@ class FactoredPasses:
         """``x(theta')`` and ``g(theta') - lr H(theta) v`` at each layer for the chunk whose forward
         arguments are ``forward_args`` (batch first)."""
         self.chunk = forward_args[0].shape[0]
+        # A full backward pass (1 and 2) runs to the inputs, so that it crosses every layer and
+        # fires each layer's gradient hook; the other passes stop at the attributed layers.
+        leaves = [
+            a.detach().requires_grad_() if isinstance(a, Tensor) and a.is_floating_point() else a
+            for a in forward_args
+        ]
+        to_inputs = [a for a in leaves if isinstance(a, Tensor) and a.requires_grad]
+        full_args = tuple(leaves)
 
         # 1. theta: the factors of each example's gradient; the labels.
-        outputs = self._forward(forward_args, _Pass(record_factors=True))
+        outputs = self._forward(full_args, _Pass(record_factors=True))
         target = resolve_target(outputs.detach())
         loss = self.loss(outputs, target).sum()
         del outputs
-        first = self._factors(self._grad(loss, list(self.module_zeros.values())))
+        self._grad(loss, to_inputs)
+        first = self._factors()
         del loss
 
         # 2. theta' = theta - lr G: the direction v, and x and g at the layers.
         device = forward_args[0].device
         scale = torch.full((self.chunk,), -learning_rate, dtype=torch.float64, device=device)
         outputs = self._forward(
-            forward_args, _Pass(_Update(first, scale), record_factors=True, tap_layers=True)
+            full_args, _Pass(_Update(first, scale), record_factors=True, tap_layers=True)
         )
         loss = self.loss(outputs, target).sum()
         del outputs
-        found = self._grad(loss, [*self.module_zeros.values(), *self.layer_zeros])
+        found = self._grad(loss, [*self.layer_zeros, *to_inputs])
         del loss
-        direction = self._factors(found[: len(self.module_zeros)])
-        gradients = self._layer_gradients(found[len(self.module_zeros) :])
+        direction = self._factors()
+        gradients = self._layer_gradients(found[: len(self.layer_zeros)])
         activations = [
             _checked(saved, f"activation of layer '{record.name}'")
             for saved, record in zip(self.layer_values, self.records)

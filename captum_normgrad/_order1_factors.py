@@ -57,16 +57,6 @@ def _trainable(parameter: Tensor | None) -> bool:
     return parameter is not None and parameter.requires_grad
 
 
-def _per_example(values: Tensor, like: Tensor) -> Tensor:
-    """``(B,)`` scales shaped to broadcast over ``like`` (batch first)."""
-    return values.reshape(-1, *[1] * (like.dim() - 1)).to(like.dtype)
-
-
-def _gram_cheaper(locations: int, new_locations: int, rows: int, cols: int) -> bool:
-    """Multiply through the ``L x L'`` Gram matrix rather than form the ``rows x cols`` update."""
-    return locations * new_locations * (rows + cols) < (locations + new_locations) * rows * cols
-
-
 class ModuleRule:
     """How one module type runs at ``theta + s D`` and what ``||D||^2`` is, from :class:`Factors`."""
 
@@ -84,15 +74,26 @@ class ModuleRule:
         """``||D||^2`` over the module's trainable parameters, ``(B,)``."""
         raise NotImplementedError
 
+    def replaces(self, factors: Factors) -> bool:
+        """Whether to compute the whole output at ``theta + s D`` (:meth:`output_at`) instead of
+        the shared output plus :meth:`correction`: where the update is formed per example anyway,
+        one layer call with each example's own parameters costs half of two."""
+        return False
+
+    def output_at(self, new_input: Tensor, factors: Factors, scale: Tensor) -> Tensor:
+        """``module(new_input; theta + s D)``."""
+        raise NotImplementedError
+
 
 class _MatrixRule(ModuleRule):
     """Layers whose weight gradient is ``sum_u gamma_u p_u^T`` over ``L`` locations: patches ``p``
     of ``rows`` entries, output gradients ``gamma`` of ``columns``, in ``G`` = examples x groups
     blocks.
 
-    Per pass at an update, the weight part of the correction is either ``P' P^T Gamma`` through the
-    ``L' x L`` Gram matrix, or the update ``D`` formed once (per example) and applied like the
-    layer's weight; :func:`_gram_cheaper` picks from the sizes alone.
+    At an update, the weight part of the correction is either ``Gram(new, old) Gamma``, with the
+    ``L' x L`` Gram matrix of the two passes' patches (cheap where ``L`` is small against the
+    layer's width: deep layers), or goes through the update ``D`` formed once per example
+    (:meth:`_uses_gram` decides from the sizes).
     """
 
     rows: int
@@ -114,9 +115,6 @@ class _MatrixRule(ModuleRule):
         """``(G, L, columns)``."""
         raise NotImplementedError
 
-    def _locations(self, output_shape: torch.Size) -> int:
-        raise NotImplementedError
-
     def _to_output(self, blocks: Tensor, output_shape: torch.Size) -> Tensor:
         """``(G, L', columns)`` back to the module's output layout."""
         raise NotImplementedError
@@ -133,32 +131,35 @@ class _MatrixRule(ModuleRule):
         """Each example's weight gradient, its first dimension ``B`` times something."""
         raise NotImplementedError
 
+    def _uses_gram(self, factors: Factors) -> bool:
+        raise NotImplementedError
+
     def _apply_update(self, new_input: Tensor, update: Tensor, output_shape: torch.Size) -> Tensor:
         """The layer without bias on ``new_input``, with each example's (scaled) ``update``."""
         raise NotImplementedError
 
-    # Shared by both.
-    def _blocks(self, factors: Factors) -> tuple[Tensor, Tensor]:
-        patches = factors.cached("patches", lambda: self._patches(factors.inputs))
-        grads = factors.cached("grad_blocks", lambda: self._grad_blocks(factors.grads))
-        return patches, grads
+    def _gram_matrix(self, new_input: Tensor, inputs: Tensor) -> Tensor:
+        """``<p'_u', p_u>`` for every pair of locations, ``(G, L', L)``."""
+        return torch.bmm(self._patches(new_input), self._patches(inputs).transpose(1, 2))
 
-    def _gram(self, locations: int, new_locations: int) -> bool:
-        return _gram_cheaper(locations, new_locations, self.rows, self.columns)
+    # Shared by both.
+    def _grads(self, factors: Factors) -> Tensor:
+        return factors.cached("grad_blocks", lambda: self._grad_blocks(factors.grads))
+
+    def _update(self, factors: Factors) -> Tensor:
+        return factors.cached("update", lambda: self._weight_update(factors))
 
     def correction(
         self, new_input: Tensor, output_shape: torch.Size, factors: Factors, scale: Tensor
     ) -> Tensor | None:
         total = None
         if _trainable(self.weight):
-            locations = self._locations(factors.grads.shape)
-            if self._gram(locations, self._locations(output_shape)):
-                patches, grads = self._blocks(factors)
-                gram = torch.bmm(self._patches(new_input), patches.transpose(1, 2))
-                blocks = torch.bmm(gram, grads)
+            if self._uses_gram(factors):
+                gram = self._gram_matrix(new_input, factors.inputs)
+                blocks = torch.bmm(gram, self._grads(factors))
                 total = self._to_output(blocks * _rows_scaled(scale, blocks), output_shape)
             else:
-                update = factors.cached("update", lambda: self._weight_update(factors))
+                update = self._update(factors)
                 total = self._apply_update(
                     new_input, update * _rows_scaled(scale, update), output_shape
                 )
@@ -174,16 +175,13 @@ class _MatrixRule(ModuleRule):
         examples = factors.grads.shape[0]
         total = factors.grads.new_zeros(examples)
         if _trainable(self.weight):
-            locations = self._locations(factors.grads.shape)
-            if "update" in factors.derived or not self._gram(locations, locations):
-                update = factors.cached("update", lambda: self._weight_update(factors))
-                products = update.square()
+            if "update" in factors.derived or not self._uses_gram(factors):
+                products = self._update(factors).square()
             else:
                 # ||sum_u g_u p_u^T||^2 = sum_{u,v} <g_u, g_v> <p_u, p_v>
-                patches, grads = self._blocks(factors)
-                products = torch.bmm(patches, patches.transpose(1, 2)) * torch.bmm(
-                    grads, grads.transpose(1, 2)
-                )
+                grads = self._grads(factors)
+                gram = self._gram_matrix(factors.inputs, factors.inputs)
+                products = gram * torch.bmm(grads, grads.transpose(1, 2))
             total = total + products.reshape(examples, -1).sum(dim=1)
         if _trainable(self.bias):
             bias_update = factors.cached("bias_update", lambda: self._bias_update(factors.grads))
@@ -202,20 +200,23 @@ def _rows_scaled(scale: Tensor, blocks: Tensor) -> Tensor:
 
 class LinearRule(_MatrixRule):
     """``nn.Linear`` on ``(B, *, in_features)``: the locations are the middle dimensions (one for a
-    ``(B, in_features)`` input, the tokens of a sequence)."""
+    ``(B, in_features)`` input, the tokens of a sequence). The formed update is a second matrix
+    product added to the shared one."""
 
     def __init__(self, module: nn.Linear) -> None:
         super().__init__(module)
         self.rows, self.columns = module.in_features, module.out_features
+
+    def _uses_gram(self, factors: Factors) -> bool:
+        locations = factors.grads[0].numel() // self.columns
+        # Gram: L L (rows + columns); formed: L rows columns to form, L rows columns to apply.
+        return locations * (self.rows + self.columns) < 2 * self.rows * self.columns
 
     def _patches(self, inputs: Tensor) -> Tensor:
         return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
 
     def _grad_blocks(self, grads: Tensor) -> Tensor:
         return grads.reshape(grads.shape[0], -1, grads.shape[-1])
-
-    def _locations(self, output_shape: torch.Size) -> int:
-        return output_shape[1:-1].numel()
 
     def _to_output(self, blocks: Tensor, output_shape: torch.Size) -> Tensor:
         return blocks.reshape(output_shape)
@@ -227,17 +228,33 @@ class LinearRule(_MatrixRule):
         return bias_update.reshape(output_shape[0], *[1] * (len(output_shape) - 2), -1)
 
     def _weight_update(self, factors: Factors) -> Tensor:
-        patches, grads = self._blocks(factors)
-        return torch.bmm(patches.transpose(1, 2), grads)  # (B, in, out) = D^T
+        patches = self._patches(factors.inputs)
+        return torch.bmm(patches.transpose(1, 2), self._grads(factors))  # (B, in, out) = D^T
 
     def _apply_update(self, new_input: Tensor, update: Tensor, output_shape: torch.Size) -> Tensor:
         return torch.bmm(self._patches(new_input), update).reshape(output_shape)
 
 
+# Examples per call of a convolution grouped by example: mkldnn's grouped kernels slow down with
+# many groups on small images (ResNet-18's 256 channels at 10x10: 1.4x the shared convolution with
+# 4 groups, 4.1x with 16), so larger chunks are split.
+_GROUPED_EXAMPLES = 4
+# Costs relative to the layer's own convolution (same FLOPs), measured on ResNet-18/50 with 2 CPU
+# threads: a Gram product runs at about half a convolution's FLOP rate; the grouped convolution plus
+# the formed update (its weight-gradient kernel, shared by 1.5 passes on average) cost about 1.2.
+_GRAM_SLOWDOWN = 2.0
+_REPLACE_COST = 1.2
+
+
 class ConvRule(_MatrixRule):
     """``nn.Conv1d`` / ``nn.Conv2d`` with numeric zero padding (a 1-D convolution is a 2-D one of
-    height 1), a block per group. Patches come from ``F.unfold``; a formed update is applied, and
-    formed, by the convolution's own kernels grouped by example (``groups = B x groups``)."""
+    height 1), a block per group.
+
+    The Gram matrix comes from the patches (``F.unfold``), or, where cheaper, from the Gram matrix
+    of the padded input's pixels summed over the kernel's offsets (a 3x3 kernel: 9x fewer
+    products). The formed update replaces the shared convolution by one grouped by example
+    (``groups = B x groups``): the layer at ``W + s_i D_i``, each example with its own weights.
+    """
 
     def __init__(self, module: nn.Conv1d | nn.Conv2d) -> None:
         super().__init__(module, groups=module.groups)
@@ -252,9 +269,68 @@ class ConvRule(_MatrixRule):
             self.padding, self.stride = module.padding, module.stride
         self.rows = module.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
         self.columns = module.out_channels // self.groups
+        self._choices: dict[torch.Size, tuple[bool, bool]] = {}
 
     def _as_2d(self, tensor: Tensor) -> Tensor:
         return tensor.unsqueeze(2) if self.one_d else tensor
+
+    def _strategy(self, factors: Factors) -> tuple[bool, bool]:
+        """(use the Gram matrix, from pixels rather than patches), by a cost model in FLOPs per
+        block: convolution ``L K C``; patch Gram ``L^2 (K + C)``; pixel Gram ``P^2 K / k + L^2 C``
+        (``P`` padded pixels, ``k`` kernel positions)."""
+        shape = factors.inputs.shape
+        if shape not in self._choices:
+            height, width = self._as_2d(factors.inputs).shape[2:]
+            padded = (height + 2 * self.padding[0]) * (width + 2 * self.padding[1])
+            locations = factors.grads[0].numel() // (self.columns * self.groups)
+            offsets = self.kernel_size[0] * self.kernel_size[1]
+            channels = self.rows // offsets
+            convolution = locations * self.rows * self.columns
+            patch = locations * locations * (self.rows + self.columns)
+            pixel = padded * padded * channels + locations * locations * self.columns
+            gram = _GRAM_SLOWDOWN * min(patch, pixel) < _REPLACE_COST * convolution
+            self._choices[shape] = (gram, pixel < patch)
+        return self._choices[shape]
+
+    def _uses_gram(self, factors: Factors) -> bool:
+        return self._strategy(factors)[0]
+
+    def _gram_matrix(self, new_input: Tensor, inputs: Tensor) -> Tensor:
+        if not self._choices.get(inputs.shape, (True, False))[1]:
+            return super()._gram_matrix(new_input, inputs)
+        return self._pixel_gram_matrix(new_input, inputs)
+
+    def _pixel_gram_matrix(self, new_input: Tensor, inputs: Tensor) -> Tensor:
+        """Sum over the kernel's offsets of the pixels' Gram matrix, read at the offset pixels of
+        each pair of output locations: strided views, no patches."""
+        padding = (self.padding[1], self.padding[1], self.padding[0], self.padding[0])
+        new, old = (F.pad(self._as_2d(t), padding) for t in (new_input, inputs))
+        examples, channels, height, width = old.shape
+        blocks = examples * self.groups
+
+        def pixels(t: Tensor) -> Tensor:
+            return t.reshape(blocks, channels // self.groups, height * width)
+
+        products = torch.bmm(pixels(new).transpose(1, 2), pixels(old))
+        products = products.reshape(blocks, height, width, height, width)
+        out_h = (height - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        out_w = (width - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        gram = None
+        for i in range(self.kernel_size[0]):
+            rows = slice(
+                i * self.dilation[0],
+                i * self.dilation[0] + (out_h - 1) * self.stride[0] + 1,
+                self.stride[0],
+            )
+            for j in range(self.kernel_size[1]):
+                cols = slice(
+                    j * self.dilation[1],
+                    j * self.dilation[1] + (out_w - 1) * self.stride[1] + 1,
+                    self.stride[1],
+                )
+                term = products[:, rows, cols, rows, cols]
+                gram = term if gram is None else gram + term
+        return gram.reshape(blocks, out_h * out_w, out_h * out_w)
 
     def _stacked(self, tensor: Tensor) -> Tensor:
         """``(B, C, H, W)`` as one example of ``B C`` channels: a convolution grouped by example."""
@@ -274,9 +350,6 @@ class ConvRule(_MatrixRule):
         blocks = grads.reshape(examples * self.groups, channels // self.groups, -1)
         return blocks.transpose(1, 2)
 
-    def _locations(self, output_shape: torch.Size) -> int:
-        return output_shape[2:].numel()
-
     def _to_output(self, blocks: Tensor, output_shape: torch.Size) -> Tensor:
         return blocks.transpose(1, 2).reshape(output_shape)
 
@@ -288,70 +361,135 @@ class ConvRule(_MatrixRule):
 
     def _weight_update(self, factors: Factors) -> Tensor:
         """``(B out_channels, in_channels / groups, kh, kw)``, by the weight-gradient kernel."""
-        examples = factors.inputs.shape[0]
         module = self.module
-        return torch.nn.grad.conv2d_weight(
-            self._stacked(factors.inputs),
-            (examples * module.out_channels, module.in_channels // self.groups, *self.kernel_size),
-            self._stacked(factors.grads),
-            self.stride,
-            self.padding,
-            self.dilation,
-            examples * self.groups,
+
+        def weight_gradients(inputs: Tensor, grads: Tensor) -> Tensor:
+            examples = inputs.shape[0]
+            return torch.nn.grad.conv2d_weight(
+                self._stacked(inputs),
+                (
+                    examples * module.out_channels,
+                    module.in_channels // self.groups,
+                    *self.kernel_size,
+                ),
+                self._stacked(grads),
+                self.stride,
+                self.padding,
+                self.dilation,
+                examples * self.groups,
+            )
+
+        return torch.cat(
+            [
+                weight_gradients(inputs, grads)
+                for inputs, grads in zip(
+                    factors.inputs.split(_GROUPED_EXAMPLES), factors.grads.split(_GROUPED_EXAMPLES)
+                )
+            ]
         )
 
-    def _apply_update(self, new_input: Tensor, update: Tensor, output_shape: torch.Size) -> Tensor:
+    def replaces(self, factors: Factors) -> bool:
+        return _trainable(self.weight) and not self._uses_gram(factors)
+
+    def output_at(self, new_input: Tensor, factors: Factors, scale: Tensor) -> Tensor:
+        """One convolution grouped by example, with ``W + s_i D_i`` for example ``i``."""
         examples = new_input.shape[0]
-        out = F.conv2d(
-            self._stacked(new_input),
-            update,
-            None,
-            self.stride,
-            self.padding,
-            self.dilation,
-            examples * self.groups,
-        )
-        return out.reshape(output_shape)
+        update = self._update(factors)
+        per_example = update.reshape(examples, -1, *update.shape[1:])
+        weights = torch.addcmul(
+            self.weight.detach(), per_example, _rows_scaled(scale, per_example)
+        ).reshape(update.shape)
+        out = self._apply_update(new_input, weights, None)
+        if self.bias is not None:
+            bias = self.bias.detach().expand(examples, -1)
+            if _trainable(self.bias):
+                bias_update = factors.cached(
+                    "bias_update", lambda: self._bias_update(factors.grads)
+                )
+                bias = torch.addcmul(bias, bias_update, _rows_scaled(scale, bias_update))
+            out = out + self._bias_to_output(bias, out.shape)
+        return out
+
+    def _apply_update(
+        self, new_input: Tensor, update: Tensor, output_shape: torch.Size | None
+    ) -> Tensor:
+        rows_per_example = update.shape[0] // new_input.shape[0]
+        outputs = []
+        for inputs, weights in zip(
+            new_input.split(_GROUPED_EXAMPLES),
+            update.split(_GROUPED_EXAMPLES * rows_per_example),
+        ):
+            out = F.conv2d(
+                self._stacked(inputs),
+                weights,
+                None,
+                self.stride,
+                self.padding,
+                self.dilation,
+                inputs.shape[0] * self.groups,
+            )
+            outputs.append(out.reshape(inputs.shape[0], -1, *out.shape[2:]))
+        out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        if output_shape is not None:
+            return out.reshape(output_shape)
+        return out.squeeze(2) if self.one_d else out
 
 
 class BatchNormRule(ModuleRule):
     """``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` in evaluation mode: ``x_hat * gamma + beta`` per
-    channel, ``x_hat`` from the running statistics, so no example sees another."""
+    channel, ``x_hat`` from the running statistics, so no example sees another. At an update it is
+    one per-example affine map, ``x * a_i + b_i``."""
 
     def __init__(self, module: nn.modules.batchnorm._BatchNorm) -> None:
         super().__init__(module)
         self.weight, self.bias = module.weight, module.bias  # as for _MatrixRule
 
-    def _normalized(self, inputs: Tensor) -> Tensor:
+    def _statistics(self, dims: int) -> tuple[Tensor, Tensor]:
         module = self.module
-        shape = (1, -1, *[1] * (inputs.dim() - 2))
-        mean = module.running_mean.reshape(shape)
-        std = torch.sqrt(module.running_var.reshape(shape) + module.eps)
-        return (inputs - mean) / std
+        shape = (1, -1, *[1] * (dims - 2))
+        std = torch.sqrt(module.running_var + module.eps)
+        return module.running_mean.reshape(shape), std.reshape(shape)
 
     def _updates(self, factors: Factors) -> tuple[Tensor | None, Tensor | None]:
         """The per-example gradients of ``gamma`` and ``beta``, ``(B, C)`` each."""
-        spatial = list(range(2, factors.grads.dim()))
-        weight_update = bias_update = None
-        if _trainable(self.weight):
-            weighted = factors.grads * self._normalized(factors.inputs)
-            weight_update = weighted.sum(dim=spatial) if spatial else weighted
-        if _trainable(self.bias):
-            bias_update = factors.grads.sum(dim=spatial) if spatial else factors.grads
-        return weight_update, bias_update
 
-    def correction(
-        self, new_input: Tensor, output_shape: torch.Size, factors: Factors, scale: Tensor
-    ) -> Tensor | None:
+        def compute() -> tuple[Tensor | None, Tensor | None]:
+            grads = factors.grads
+            spatial = list(range(2, grads.dim()))
+            weight_update = bias_update = None
+            grad_sums = grads.sum(dim=spatial) if spatial else grads
+            if _trainable(self.weight):
+                # sum_u g_u (x_u - mean) / std, without an activation-sized temporary
+                mean, std = self._statistics(2)
+                flat = (grads.shape[0], grads.shape[1], -1)
+                products = torch.einsum(
+                    "bcl,bcl->bc", grads.reshape(flat), factors.inputs.reshape(flat)
+                )
+                weight_update = (products - mean * grad_sums) / std
+            if _trainable(self.bias):
+                bias_update = grad_sums
+            return weight_update, bias_update
+
+        if "updates" not in factors.derived:
+            factors.derived["updates"] = compute()
+        return factors.derived["updates"]
+
+    def replaces(self, factors: Factors) -> bool:
+        return True
+
+    def output_at(self, new_input: Tensor, factors: Factors, scale: Tensor) -> Tensor:
         weight_update, bias_update = self._updates(factors)
-        shape = (new_input.shape[0], -1, *[1] * (new_input.dim() - 2))
-        total = None
+        examples, channels = new_input.shape[:2]
+        gamma = self.weight.detach().expand(examples, channels)
+        beta = self.bias.detach().expand(examples, channels)
         if weight_update is not None:
-            total = self._normalized(new_input) * weight_update.reshape(shape)
+            gamma = torch.addcmul(gamma, weight_update, _rows_scaled(scale, weight_update))
         if bias_update is not None:
-            bias_part = bias_update.reshape(shape)
-            total = bias_part if total is None else total + bias_part
-        return None if total is None else total * _per_example(scale, total)
+            beta = torch.addcmul(beta, bias_update, _rows_scaled(scale, bias_update))
+        mean, std = self._statistics(new_input.dim())
+        shape = (examples, channels, *[1] * (new_input.dim() - 2))
+        slope = gamma.reshape(shape) / std
+        return torch.addcmul(beta.reshape(shape) - mean * slope, new_input, slope)
 
     def squared_norm(self, factors: Factors) -> Tensor:
         total = factors.grads.new_zeros(factors.grads.shape[0])
