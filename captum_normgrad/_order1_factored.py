@@ -19,11 +19,13 @@ run is decided beforehand by :mod:`captum_normgrad._order1_traced`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -104,6 +106,7 @@ class FactoredPasses:
         self.module_inputs: dict[str, tuple[Tensor, int]] = {}
         self.module_outputs: dict[str, Tensor] = {}  # (shape and dtype, for a gradient of zero)
         self.module_grads: dict[str, Tensor] = {}
+        self.root_zeros: dict[str, Tensor] = {}
         self.replaced: dict[str, Tensor] = {}  # inputs held from a pre-hook to its forward hook
         self.layer_values: list[tuple[Tensor, int] | None] = []
         self.layer_zeros: list[Tensor | None] = []
@@ -131,12 +134,19 @@ class FactoredPasses:
                         output = output + correction
             if state.record_factors:
                 self.module_inputs[name] = (new_input.detach(), new_input._version)
-                self.module_outputs[name] = output
-                if output.requires_grad:
+                if new_input.requires_grad:
                     # d loss / d output, as the output was here: a tensor hook fires with the
                     # gradient of this value even if an in-place operation downstream
-                    # (ReLU(inplace=True)) changes the tensor later, and costs no copy.
+                    # (ReLU(inplace=True)) changes the tensor later, and costs no copy. The
+                    # backward reaches this layer: its input depends on a tapped layer below.
                     output.register_hook(self._gradient_hook(name))
+                else:
+                    # A first layer (its input needs no gradient): a zero added to its output is
+                    # what the backward pass runs to, so it crosses every layer above.
+                    zero = torch.zeros_like(output, requires_grad=True)
+                    self.root_zeros[name] = zero
+                    output = output + zero
+                self.module_outputs[name] = output
             return output
 
         return hook
@@ -224,6 +234,7 @@ class FactoredPasses:
         self.state = state
         self.calls = {}
         self.module_inputs, self.module_outputs, self.module_grads = {}, {}, {}
+        self.root_zeros = {}
         self.replaced = {}
         self.layer_values = [None] * len(self.records)
         self.layer_zeros = [None] * len(self.records)
@@ -240,17 +251,20 @@ class FactoredPasses:
         state.forward_done = True
         return outputs
 
-    def _factors(self) -> dict[str, Factors]:
-        """Each layer's input and output gradient from the last backward pass; a layer the loss
-        does not depend on (its hook never fired) has a zero gradient."""
+    def _factors(self, root_gradients: Sequence[Tensor | None]) -> dict[str, Factors]:
+        """Each layer's input and output gradient from the last backward pass (a first layer's
+        from its zero, ``root_gradients`` in order); a layer the loss does not depend on has a
+        zero gradient."""
+        gradients = dict(self.module_grads)
+        gradients.update(zip(self.root_zeros, root_gradients))
         factors = {}
         for name, output in self.module_outputs.items():
             inputs = _checked(self.module_inputs[name], f"input of module '{name}'")
-            gradient = self.module_grads.get(name)
+            gradient = gradients.get(name)
             if gradient is None:
                 gradient = torch.zeros(output.shape, dtype=output.dtype, device=output.device)
             factors[name] = Factors(inputs, gradient)
-        self.module_outputs, self.module_grads = {}, {}
+        self.module_outputs, self.module_grads, self.root_zeros = {}, {}, {}
         return factors
 
     def _grad(self, loss: Tensor, wrt: Sequence[Tensor]) -> list[Tensor | None]:
@@ -270,45 +284,42 @@ class FactoredPasses:
         resolve_target: Callable[[Tensor], object],
         learning_rate: float,
         h_scale: float,
+        exact_hvp: bool = False,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """``x(theta')`` and ``g(theta') - lr H(theta) v`` at each layer for the chunk whose forward
         arguments are ``forward_args`` (batch first)."""
         self.chunk = forward_args[0].shape[0]
-        # A full backward pass (1 and 2) runs to the inputs, so that it crosses every layer and
-        # fires each layer's gradient hook; the other passes stop at the attributed layers.
-        leaves = [
-            a.detach().requires_grad_() if isinstance(a, Tensor) and a.is_floating_point() else a
-            for a in forward_args
-        ]
-        to_inputs = [a for a in leaves if isinstance(a, Tensor) and a.requires_grad]
-        full_args = tuple(leaves)
 
         # 1. theta: the factors of each example's gradient; the labels.
-        outputs = self._forward(full_args, _Pass(record_factors=True))
+        outputs = self._forward(forward_args, _Pass(record_factors=True))
         target = resolve_target(outputs.detach())
         loss = self.loss(outputs, target).sum()
         del outputs
-        self._grad(loss, to_inputs)
-        first = self._factors()
+        first = self._factors(self._grad(loss, list(self.root_zeros.values())))
         del loss
 
         # 2. theta' = theta - lr G: the direction v, and x and g at the layers.
         device = forward_args[0].device
         scale = torch.full((self.chunk,), -learning_rate, dtype=torch.float64, device=device)
         outputs = self._forward(
-            full_args, _Pass(_Update(first, scale), record_factors=True, tap_layers=True)
+            forward_args, _Pass(_Update(first, scale), record_factors=True, tap_layers=True)
         )
         loss = self.loss(outputs, target).sum()
         del outputs
-        found = self._grad(loss, [*self.layer_zeros, *to_inputs])
+        found = self._grad(loss, [*self.layer_zeros, *self.root_zeros.values()])
         del loss
-        direction = self._factors()
+        direction = self._factors(found[len(self.layer_zeros) :])
         gradients = self._layer_gradients(found[: len(self.layer_zeros)])
         activations = [
             _checked(saved, f"activation of layer '{record.name}'")
             for saved, record in zip(self.layer_values, self.records)
         ]
         del first, found
+
+        if exact_hvp:
+            hessian_terms = self._exact_hessian_terms(forward_args, target, direction)
+            corrected = [g - learning_rate * hv for g, hv in zip(gradients, hessian_terms)]
+            return activations, corrected
 
         # 3. and 4. theta +- h v, h = h_scale / ||v|| per example (h_scale for a zero direction).
         squared = sum(
@@ -331,3 +342,33 @@ class FactoredPasses:
         outputs = self._forward(forward_args, _Pass(update, tap_layers=True))
         loss = self.loss(outputs, target).sum()
         return self._layer_gradients(self._grad(loss, self.layer_zeros))
+
+    def _exact_hessian_terms(
+        self, forward_args: tuple, target: object, direction: dict[str, Factors]
+    ) -> list[Tensor]:
+        """``H(theta) v`` at the layers exactly: the derivative of ``g(theta + t v)`` at ``t = 0``,
+        carried forward as a tangent (forward-over-reverse) through one pass at ``theta``."""
+        device = forward_args[0].device
+        with fwAD.dual_level():
+            scale = fwAD.make_dual(
+                torch.zeros(self.chunk, dtype=torch.float64, device=device),
+                torch.ones(self.chunk, dtype=torch.float64, device=device),
+            )
+            outputs = self._forward(forward_args, _Pass(_Update(direction, scale), tap_layers=True))
+            loss = self.loss(outputs, target).sum()
+            try:
+                found = self._layer_gradients(self._grad(loss, self.layer_zeros))
+            except NotImplementedError as error:
+                missing = re.search(r"forward AD with (\S+)", str(error))
+                if missing is None:
+                    raise
+                raise ValueError(
+                    "hvp='exact' differentiates the model's gradient a second time, and PyTorch "
+                    f"has no derivative of {missing.group(1)} (in forward mode), which this model "
+                    "uses; use hvp='finite_difference' (the paper's)"
+                ) from error
+            terms = []
+            for gradient in found:
+                tangent = fwAD.unpack_dual(gradient).tangent
+                terms.append(torch.zeros_like(gradient) if tangent is None else tangent.clone())
+        return terms

@@ -235,10 +235,6 @@ class LinearRule(_MatrixRule):
         return torch.bmm(self._patches(new_input), update).reshape(output_shape)
 
 
-# Examples per call of a convolution grouped by example: mkldnn's grouped kernels slow down with
-# many groups on small images (ResNet-18's 256 channels at 10x10: 1.4x the shared convolution with
-# 4 groups, 4.1x with 16), so larger chunks are split.
-_GROUPED_EXAMPLES = 4
 # Costs relative to the layer's own convolution (same FLOPs), measured on ResNet-18/50 with 2 CPU
 # threads: a Gram product runs at about half a convolution's FLOP rate; the grouped convolution plus
 # the formed update (its weight-gradient kernel, shared by 1.5 passes on average) cost about 1.2.
@@ -362,30 +358,15 @@ class ConvRule(_MatrixRule):
     def _weight_update(self, factors: Factors) -> Tensor:
         """``(B out_channels, in_channels / groups, kh, kw)``, by the weight-gradient kernel."""
         module = self.module
-
-        def weight_gradients(inputs: Tensor, grads: Tensor) -> Tensor:
-            examples = inputs.shape[0]
-            return torch.nn.grad.conv2d_weight(
-                self._stacked(inputs),
-                (
-                    examples * module.out_channels,
-                    module.in_channels // self.groups,
-                    *self.kernel_size,
-                ),
-                self._stacked(grads),
-                self.stride,
-                self.padding,
-                self.dilation,
-                examples * self.groups,
-            )
-
-        return torch.cat(
-            [
-                weight_gradients(inputs, grads)
-                for inputs, grads in zip(
-                    factors.inputs.split(_GROUPED_EXAMPLES), factors.grads.split(_GROUPED_EXAMPLES)
-                )
-            ]
+        examples = factors.inputs.shape[0]
+        return torch.nn.grad.conv2d_weight(
+            self._stacked(factors.inputs),
+            (examples * module.out_channels, module.in_channels // self.groups, *self.kernel_size),
+            self._stacked(factors.grads),
+            self.stride,
+            self.padding,
+            self.dilation,
+            examples * self.groups,
         )
 
     def replaces(self, factors: Factors) -> bool:
@@ -413,23 +394,17 @@ class ConvRule(_MatrixRule):
     def _apply_update(
         self, new_input: Tensor, update: Tensor, output_shape: torch.Size | None
     ) -> Tensor:
-        rows_per_example = update.shape[0] // new_input.shape[0]
-        outputs = []
-        for inputs, weights in zip(
-            new_input.split(_GROUPED_EXAMPLES),
-            update.split(_GROUPED_EXAMPLES * rows_per_example),
-        ):
-            out = F.conv2d(
-                self._stacked(inputs),
-                weights,
-                None,
-                self.stride,
-                self.padding,
-                self.dilation,
-                inputs.shape[0] * self.groups,
-            )
-            outputs.append(out.reshape(inputs.shape[0], -1, *out.shape[2:]))
-        out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        examples = new_input.shape[0]
+        out = F.conv2d(
+            self._stacked(new_input),
+            update,
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            examples * self.groups,
+        )
+        out = out.reshape(examples, -1, *out.shape[2:])
         if output_shape is not None:
             return out.reshape(output_shape)
         return out.squeeze(2) if self.one_d else out

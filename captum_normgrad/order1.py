@@ -437,8 +437,6 @@ class LayerNormGradOrder1(LayerNormGrad):
         """Why the factored passes cannot serve this call (None if they can)."""
         if batch_mode not in ("auto", "factored"):
             return "not asked for"
-        if exact_hvp:
-            return "hvp='exact' runs one example at a time (batch_mode='loop')"
         if batch_mode == "auto" and loss != "cross_entropy":
             # A callable written for one example at a time may not be one for a batch.
             return "a callable loss is called on one example at a time unless asked otherwise"
@@ -496,10 +494,7 @@ class LayerNormGradOrder1(LayerNormGrad):
                     *(a[start:stop] if each else a for a, each in zip(args, per_example)),
                 )
                 chunk_activations, chunk_corrected = passes.chunk_terms(
-                    forward_args,
-                    resolve(start, stop),
-                    settings["learning_rate"],
-                    settings["h_scale"],
+                    forward_args, resolve(start, stop), **settings
                 )
                 activations.append(chunk_activations)
                 corrected.append(chunk_corrected)
