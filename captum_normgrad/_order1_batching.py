@@ -34,9 +34,15 @@ __all__ = [
 
 BatchMode = Literal["auto", "factored", "loop", "vmap"]
 
-# Examples per factored chunk when chunk_size is None: each keeps about six activation-sized
-# tensors per layer with parameters alive (two passes' factors and the graph of one pass).
-FACTORED_CHUNK = 16
+# The factored passes keep each layer's input and output gradient per example and run a chunk as
+# one batch: measured with 2 CPU threads (benchmarks/bench_order1.py), they beat the per-example
+# loop where those are small (ResNet-18 at 160x160: 19 MB per example, 2x faster) and lose where
+# they are large (ResNet-50 at 224x224: 168 MB; batch-1 convolutions are efficient on large images,
+# and chunks that big are memory-bound). "auto" takes them up to FACTORED_EXAMPLE_BYTES, and a
+# chunk holds about FACTORED_CHUNK_BYTES of them (fastest of 4, 8 and 16 examples on both models).
+FACTORED_EXAMPLE_BYTES = 64 << 20
+FACTORED_CHUNK_BYTES = 512 << 20
+FACTORED_CHUNK = 8  # where the sizes cannot be known beforehand
 
 # Per example in a vmapped chunk: the stepped (then shifted) parameters, their gradient, the gradient
 # in flight, and the activations. benchmarks/bench_order1.py measured 3.5 on ResNet-18 at 224x224,

@@ -33,7 +33,7 @@ from captum_normgrad._capture import LayerRecord, check_each_ran_once
 from captum_normgrad._order1_factors import Factors, ModuleRule, rule_for
 from captum_normgrad._order1_passes import ForwardCaller, Parameters
 
-__all__ = ["FactoredPasses", "FactoredUnsupported"]
+__all__ = ["FactoredPasses", "FactoredUnsupported", "layer_bytes_per_example"]
 
 
 class FactoredUnsupported(RuntimeError):
@@ -372,3 +372,35 @@ class FactoredPasses:
                 tangent = fwAD.unpack_dual(gradient).tangent
                 terms.append(torch.zeros_like(gradient) if tangent is None else tangent.clone())
         return terms
+
+
+def layer_bytes_per_example(
+    caller: ForwardCaller, modules: dict[str, nn.Module], forward_args: tuple
+) -> int | None:
+    """Bytes of the inputs and outputs of the layers with parameters for ONE example (what the
+    factored passes keep per example), from a forward pass on the meta device: shapes only, no
+    arithmetic (ResNet-50: 30 ms). None if the model cannot run on meta tensors."""
+
+    def meta(value: object) -> object:
+        return torch.empty_like(value, device="meta") if isinstance(value, Tensor) else value
+
+    state = {name: meta(t) for name, t in caller.named_parameters()}
+    state.update({name: meta(t) for name, t in caller.named_buffers()})
+    total = 0
+
+    def count(module: nn.Module, args: tuple, output: object) -> None:
+        nonlocal total
+        for value in (args[0] if args else None, output):
+            if isinstance(value, Tensor):
+                total += value.numel() * value.element_size()
+
+    handles = [module.register_forward_hook(count) for module in modules.values()]
+    try:
+        with torch.no_grad():
+            functional_call(caller, state, tuple(meta(a) for a in forward_args), strict=False)
+    except Exception:  # noqa: BLE001 - an op without a meta kernel: the size is unknown
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total

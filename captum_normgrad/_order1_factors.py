@@ -377,9 +377,9 @@ class ConvRule(_MatrixRule):
         examples = new_input.shape[0]
         update = self._update(factors)
         per_example = update.reshape(examples, -1, *update.shape[1:])
-        weights = torch.addcmul(
-            self.weight.detach(), per_example, _rows_scaled(scale, per_example)
-        ).reshape(update.shape)
+        weight = self.weight.detach().reshape(per_example.shape[1:])
+        weights = torch.addcmul(weight, per_example, _rows_scaled(scale, per_example))
+        weights = weights.reshape(update.shape)
         out = self._apply_update(new_input, weights, None)
         if self.bias is not None:
             bias = self.bias.detach().expand(examples, -1)

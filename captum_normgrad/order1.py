@@ -51,6 +51,8 @@ from captum_normgrad._capture import (
 from captum_normgrad._layouts import ReshapeTransform
 from captum_normgrad._model_state import models_behind, preserved_buffers
 from captum_normgrad._order1_batching import (
+    FACTORED_CHUNK_BYTES,
+    FACTORED_EXAMPLE_BYTES,
     Batch,
     BatchMode,
     choose_batch_mode,
@@ -58,7 +60,11 @@ from captum_normgrad._order1_batching import (
     target_of_example,
 )
 from captum_normgrad._order1_batching import is_per_example as _is_per_example
-from captum_normgrad._order1_factored import FactoredPasses, FactoredUnsupported
+from captum_normgrad._order1_factored import (
+    FactoredPasses,
+    FactoredUnsupported,
+    layer_bytes_per_example,
+)
 from captum_normgrad._order1_loop import LoopPasses
 from captum_normgrad._order1_passes import PER_EXAMPLE, ExampleLoss, ForwardCaller
 from captum_normgrad._order1_traced import factored_refusal
@@ -178,6 +184,7 @@ class LayerNormGradOrder1(LayerNormGrad):
     ) -> None:
         super().__init__(forward_func, layer, device_ids, reshape_transform)
         self.model = _model_of(forward_func)
+        self._layer_bytes: dict[tuple, int | None] = {}
         inside = {id(module) for module in self.model.modules()}
         for module in self.layers:
             if id(module) not in inside:
@@ -227,15 +234,22 @@ class LayerNormGradOrder1(LayerNormGrad):
                 operation, for a model with an operation PyTorch cannot differentiate twice
                 (``hardsigmoid`` in MobileNetV3).
             batch_mode: ``"loop"`` runs the passes on one example at a time with plain autograd
-                (least memory, every model autograd runs); ``"vmap"`` runs chunks of examples
-                through ``torch.func.vmap`` (same maps; about five copies of the trainable
-                parameters per example in a chunk; refused for full backward hooks and
-                checkpointing, which torch.func cannot run); ``"auto"`` picks vmap on CUDA with a
-                cross-entropy loss, the loop otherwise (on CPU the loop is faster and uses less
-                memory; see the README's measured cost), and the loop wherever vmap cannot run the
-                model.
-            chunk_size: examples per vmapped call; default: as many as fit in half the free CUDA
-                memory (a quarter of the available RAM on CPU).
+                (least memory, every model autograd runs). ``"factored"`` runs each pass ONCE for a
+                chunk of examples at the shared parameters, each example's own parameter update
+                added layer by layer from its factors (:mod:`captum_normgrad._order1_factored`;
+                the same maps up to rounding); it runs models made of convolutions, linear
+                layers, BatchNorm in evaluation mode and operations that keep the examples apart
+                (checked on the model's ``torch.fx`` graph; anything else is refused with the
+                reason). ``"vmap"`` runs chunks through ``torch.func.vmap`` (about five copies of
+                the trainable parameters per example; refused for full backward hooks and
+                checkpointing). ``"auto"``, on CPU with a cross-entropy loss, takes the factored
+                passes where they run and the layers hold at most 64 MB per example (ResNet-18 at
+                160x160: 2x faster than the loop; ResNet-50 at 224x224 stays in the loop, which
+                is faster there), else the loop; on CUDA, vmap with a cross-entropy loss, else the
+                loop. See the README's measured cost.
+            chunk_size: examples per factored chunk or vmapped call; default: about 512 MB of
+                layer inputs and outputs per factored chunk; for vmap, as many as fit in half the
+                free CUDA memory (a quarter of the available RAM on CPU).
 
         Returns:
             A detached ``(N, 1, *S)`` map per layer; a list in the given order when ``layer`` was a
@@ -342,11 +356,15 @@ class LayerNormGradOrder1(LayerNormGrad):
         if num_examples == 0:
             return self._empty_records(inputs, target, args, attribute_to_layer_input, loss)
         hooked = _full_backward_hook_owner(self.model)
-        cannot_factor = self._factored_refusal(batch_mode, loss, exact_hvp)
+        cannot_factor = self._factored_refusal(batch_mode, loss, inputs[0].device)
         if batch_mode == "factored" and cannot_factor is not None:
             raise ValueError(
                 f"batch_mode='factored' cannot run this model: {cannot_factor}. Use "
                 "batch_mode='loop' (same maps)"
+            )
+        if cannot_factor is None:
+            chunk_size, cannot_factor = self._factored_chunk(
+                caller, inputs, args, chunk_size, batch_mode
             )
         mode, chunk = choose_batch_mode(
             "factored" if batch_mode == "auto" and cannot_factor is None else batch_mode,
@@ -432,7 +450,7 @@ class LayerNormGradOrder1(LayerNormGrad):
             )
 
     def _factored_refusal(
-        self, batch_mode: BatchMode, loss: LossSpec, exact_hvp: bool
+        self, batch_mode: BatchMode, loss: LossSpec, device: torch.device
     ) -> str | None:
         """Why the factored passes cannot serve this call (None if they can)."""
         if batch_mode not in ("auto", "factored"):
@@ -440,7 +458,39 @@ class LayerNormGradOrder1(LayerNormGrad):
         if batch_mode == "auto" and loss != "cross_entropy":
             # A callable written for one example at a time may not be one for a batch.
             return "a callable loss is called on one example at a time unless asked otherwise"
+        if batch_mode == "auto" and device.type != "cpu":
+            return "measured on CPU only; 'auto' keeps its choice for CUDA"
         return factored_refusal(self.model, self.forward_func, self.layers)
+
+    def _factored_chunk(
+        self,
+        caller: ForwardCaller,
+        inputs: tuple[Tensor, ...],
+        args: tuple,
+        chunk_size: int | None,
+        batch_mode: BatchMode,
+    ) -> tuple[int | None, str | None]:
+        """Examples per factored chunk (the user's ``chunk_size`` if given), and, under ``"auto"``,
+        why the loop is the better choice (layers too large per example), from the layer sizes of
+        one example (cached per input shape)."""
+        num_examples = inputs[0].shape[0]
+        one = (
+            *(x[:1] for x in inputs),
+            *(a[:1] if _is_per_example(a, num_examples) else a for a in args),
+        )
+        key = (tuple((x.shape[1:], x.dtype) for x in inputs), tuple(map(id, self.model.modules())))
+        if key not in self._layer_bytes:
+            modules = _trainable_modules(self.model)
+            self._layer_bytes[key] = layer_bytes_per_example(caller, modules, one)
+        per_example = self._layer_bytes[key]
+        if batch_mode == "auto" and per_example is not None:
+            if per_example > FACTORED_EXAMPLE_BYTES:
+                return chunk_size, (
+                    f"its layers hold {per_example >> 20} MB per example, where the loop is faster"
+                )
+        if chunk_size is None and per_example:
+            chunk_size = max(1, FACTORED_CHUNK_BYTES // per_example)
+        return chunk_size, None
 
     def _factored_records(
         self,
@@ -458,15 +508,10 @@ class LayerNormGradOrder1(LayerNormGrad):
         ``theta`` resolves and checks the labels."""
         num_examples = inputs[0].shape[0]
         records = [LayerRecord(layer, layer_name(self.model, layer)) for layer in self.layers]
-        modules = {
-            name: module
-            for name, module in self.model.named_modules()
-            if any(p.requires_grad for p in module.parameters(recurse=False))
-        }
         passes = FactoredPasses(
             caller,
             theta,
-            modules,
+            _trainable_modules(self.model),
             records=records,
             at_input=attribute_to_layer_input,
             loss=_cross_entropy if loss == "cross_entropy" else _callable_loss(loss),
@@ -616,6 +661,15 @@ class LayerNormGradOrder1(LayerNormGrad):
             record.activation = record.activation.detach()
             record.gradient = torch.zeros_like(record.activation)
         return records
+
+
+def _trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules holding a trainable parameter of their own, by qualified name."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if any(p.requires_grad for p in module.parameters(recurse=False))
+    }
 
 
 def _chunk_of(target: TargetType, start: int, stop: int, num_examples: int) -> TargetType:
