@@ -2,19 +2,21 @@
 
 Each pass is ONE batched forward and backward of the user's model at the shared parameters
 ``theta``; forward hooks on every layer with parameters add each example's own update, kept as
-factors (:mod:`captum_normgrad._order1_factors`). So the examples share the batch's efficient
-kernels while each one runs at its own parameters, and no parameter-sized tensor is made per
-example. Per chunk:
+factors (:mod:`captum_normgrad._order1_factors`), or run the layer with it. So the examples share
+the batch's kernels while each one runs at its own parameters, and the weight-sized work per
+example is what the loop does too (its weight gradients). Per chunk:
 
 1. at ``theta``: the factors of ``G_i = grad l_i(theta)`` (each layer's input, and the gradient at
    its output); this forward also resolves the labels;
 2. at ``theta - lr G_i``: the factors of ``v_i = grad l_i(theta')``, and ``x`` and ``g`` at the
    attributed layers;
-3. and 4. at ``theta +- h_i v_i``: ``g`` at the attributed layers only, the backward stopping there.
+3. and 4. at ``theta +- h_i v_i``: ``g`` at the attributed layers only, the backward stopping there
+   (with ``hvp="exact"``, one pass at ``theta`` instead, ``H v`` carried as a forward-mode tangent).
 
-Autograd is asked only for gradients at layer outputs (zero tensors added there), never for a
-parameter's gradient: the parameters are detached aliases during the passes. Which models this can
-run is decided beforehand by :mod:`captum_normgrad._order1_traced`.
+Autograd is never asked for a parameter's gradient (the parameters are detached aliases during the
+passes): a layer's output gradient comes from a tensor hook on its output, and the backward runs
+to a zero added to the output of each first layer, so it crosses every layer above. Which models
+this can run is decided beforehand by :mod:`captum_normgrad._order1_traced`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch.func import functional_call
 
 from captum_normgrad._capture import LayerRecord, check_each_ran_once
 from captum_normgrad._order1_factors import Factors, ModuleRule, rule_for
-from captum_normgrad._order1_passes import ForwardCaller, Parameters
+from captum_normgrad._order1_passes import ForwardCaller
 
 __all__ = ["FactoredPasses", "FactoredUnsupported", "layer_bytes_per_example"]
 
@@ -75,7 +77,6 @@ class FactoredPasses:
 
     Args:
         caller: the :class:`ForwardCaller` around the user's model.
-        theta: the trainable parameters (detached, named as ``caller`` names them).
         modules: the layers with trainable parameters, by qualified name in the model.
         records: one per attributed layer.
         at_input: tap the attributed layers' inputs instead of their outputs.
@@ -85,7 +86,6 @@ class FactoredPasses:
     def __init__(
         self,
         caller: ForwardCaller,
-        theta: Parameters,
         modules: dict[str, nn.Module],
         records: Sequence[LayerRecord],
         at_input: bool,
@@ -97,7 +97,6 @@ class FactoredPasses:
         # Every parameter (frozen ones too) is a detached alias during the passes: autograd then
         # builds no weight-gradient work, and the user's tensor hooks never fire.
         self.aliases = {f"model.{name}": p.detach() for name, p in caller.model.named_parameters()}
-        del theta  # the trainable set is read from the modules' own parameters by their rules
         self.records = list(records)
         self.at_input = at_input
         self.loss = loss

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import operator
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -218,11 +218,9 @@ def _paused_monitor_hook(hook: Callable) -> bool:
     return getattr(hook, "__qualname__", "").startswith("NormGradMonitor.")
 
 
-def factored_refusal(
-    model: nn.Module, forward_func: Callable, layers: Sequence[nn.Module]
-) -> str | None:
-    """Why ``batch_mode="factored"`` cannot run ``forward_func`` on ``model``, or None if it can."""
-    del layers  # any module the traced forward runs can be attributed; hooks are added per call
+def factored_refusal(model: nn.Module, forward_func: Callable) -> str | None:
+    """Why ``batch_mode="factored"`` cannot run ``forward_func`` on ``model``, or None if it can.
+    Any module the forward runs can be attributed (its taps are hooks added per call)."""
     if (
         forward_func is not model
         and getattr(forward_func, "__func__", None) is not type(model).forward

@@ -460,7 +460,7 @@ class LayerNormGradOrder1(LayerNormGrad):
             return "a callable loss is called on one example at a time unless asked otherwise"
         if batch_mode == "auto" and device.type != "cpu":
             return "measured on CPU only; 'auto' keeps its choice for CUDA"
-        return factored_refusal(self.model, self.forward_func, self.layers)
+        return factored_refusal(self.model, self.forward_func)
 
     def _factored_chunk(
         self,
@@ -510,7 +510,6 @@ class LayerNormGradOrder1(LayerNormGrad):
         records = [LayerRecord(layer, layer_name(self.model, layer)) for layer in self.layers]
         passes = FactoredPasses(
             caller,
-            theta,
             _trainable_modules(self.model),
             records=records,
             at_input=attribute_to_layer_input,
@@ -675,7 +674,7 @@ def _trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
 def _chunk_of(target: TargetType, start: int, stop: int, num_examples: int) -> TargetType:
     """The part of Captum's ``target`` for examples ``start:stop``: per-example forms are sliced,
     a target shared by the batch is kept."""
-    if _is_per_example(target, num_examples) and not (num_examples == 1 and target.dim() == 0):
+    if _is_per_example(target, num_examples):
         return target[start:stop]
     if isinstance(target, list) and len(target) == num_examples and num_examples > 1:
         return target[start:stop]
