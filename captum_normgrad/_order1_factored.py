@@ -22,6 +22,7 @@ this can run is decided beforehand by :mod:`captum_normgrad._order1_traced`.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -348,7 +349,10 @@ class FactoredPasses:
         """``H(theta) v`` at the layers exactly: the derivative of ``g(theta + t v)`` at ``t = 0``,
         carried forward as a tangent (forward-over-reverse) through one pass at ``theta``."""
         device = forward_args[0].device
-        with fwAD.dual_level():
+        with warnings.catch_warnings(), fwAD.dual_level():
+            # torch's first forward-mode call loads decompositions through torch.jit.script, which
+            # warns about its own deprecation; nothing the user can act on.
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
             scale = fwAD.make_dual(
                 torch.zeros(self.chunk, dtype=torch.float64, device=device),
                 torch.ones(self.chunk, dtype=torch.float64, device=device),

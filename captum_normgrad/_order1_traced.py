@@ -108,7 +108,8 @@ def _argument(node: fx.Node, position: int, keyword: str, default: object) -> ob
 
 
 def _keeps_batch_dim(node: fx.Node) -> str | None:
-    """Why a flatten, concatenation or reshape node would mix the examples, or None."""
+    """Why a flatten, concatenation, reduction, transposition or reshape node would mix the
+    examples (it touches dimension 0, or its dimensions cannot be read), or None."""
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     if name == "flatten":
         start = _argument(node, 1, "start_dim", 0)
@@ -116,6 +117,18 @@ def _keeps_batch_dim(node: fx.Node) -> str | None:
     if name == "cat":
         dim = _argument(node, 1, "dim", 0)
         return None if isinstance(dim, int) and dim >= 1 else f"cat(dim={dim})"
+    if name in ("mean", "sum", "amax", "amin"):
+        dims = _argument(node, 1, "dim", None)
+        dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+        kept = all(isinstance(d, int) and d >= 1 for d in dims)
+        return None if kept else f"{name}(dim={_argument(node, 1, 'dim', None)})"
+    if name == "transpose":
+        dims = (_argument(node, 1, "dim0", None), _argument(node, 2, "dim1", None))
+        kept = all(isinstance(d, int) and d >= 1 for d in dims)
+        return None if kept else f"transpose{dims}"
+    if name == "permute":
+        order = node.args[1:] if len(node.args) > 2 else _argument(node, 1, "dims", ())
+        return None if tuple(order)[:1] == (0,) else f"permute{tuple(order)}"
     if name in ("view", "reshape"):
         first = node.args[1] if len(node.args) > 1 else None
         if isinstance(first, (tuple, list)):
@@ -137,6 +150,8 @@ def _node_refusal(node: fx.Node, model: nn.Module, calls: dict[str, int]) -> str
     if node.op == "get_attr":
         return f"its forward reads '{node.target}' directly, outside a module's forward"
     if node.op == "call_module":
+        if node.kwargs:
+            return f"module '{node.target}' is called with keyword arguments"
         module = model.get_submodule(node.target)
         if type(module) in RULES:
             calls[node.target] = calls.get(node.target, 0) + 1
@@ -149,14 +164,28 @@ def _node_refusal(node: fx.Node, model: nn.Module, calls: dict[str, int]) -> str
     if node.op == "call_function":
         if node.target in _ELEMENTWISE_FUNCTIONS:
             return None
-        if node.target in (torch.flatten, torch.cat):
+        if node.target in (torch.flatten, torch.cat, torch.mean, torch.sum, torch.transpose):
             reason = _keeps_batch_dim(node)
             return None if reason is None else f"its forward calls {reason}"
         return f"its forward calls {getattr(node.target, '__name__', node.target)}"
     if node.op == "call_method":
+        if node.target == "size" and any(
+            user.target not in ("view", "reshape") for user in node.users
+        ):
+            return "its forward computes with a size of its input (it changes with the chunk)"
         if node.target in _ELEMENTWISE_METHODS:
             return None
-        if node.target in ("flatten", "view", "reshape"):
+        if node.target in (
+            "flatten",
+            "view",
+            "reshape",
+            "mean",
+            "sum",
+            "amax",
+            "amin",
+            "transpose",
+            "permute",
+        ):
             reason = _keeps_batch_dim(node)
             return None if reason is None else f"its forward calls {reason}"
         return f"its forward calls the method .{node.target}()"
@@ -233,6 +262,14 @@ def factored_refusal(model: nn.Module, forward_func: Callable) -> str | None:
         or modules._global_backward_hooks
     ):
         return "global module hooks are registered"
+    owners: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for parameter in module.parameters(recurse=False):
+            if parameter.requires_grad and owners.setdefault(id(parameter), name) != name:
+                return (
+                    f"modules '{owners[id(parameter)]}' and '{name}' share a trainable parameter "
+                    "(tied weights), whose update is the sum of both uses"
+                )
     for name, module in model.named_modules():
         reason = _module_refusal(name or type(module).__name__, module)
         if reason is not None:
