@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -60,6 +61,15 @@ class _Pass:
     record_factors: bool = False
     tap_layers: bool = False
     forward_done: bool = False
+
+
+def _check_grad_enabled(what: str) -> None:
+    """Reentrant activation checkpointing runs a block without autograd; the loop names it."""
+    if not torch.is_grad_enabled():
+        raise FactoredUnsupported(
+            f"{what} runs with gradients disabled (activation checkpointing or torch.no_grad() "
+            "inside the model); use batch_mode='loop'"
+        )
 
 
 def _checked(saved: tuple[Tensor, int], what: str) -> Tensor:
@@ -119,6 +129,7 @@ class FactoredPasses:
             state = self.state
             if state.forward_done:
                 return None
+            _check_grad_enabled(f"module '{name}'")
             self.calls[name] = self.calls.get(name, 0) + 1
             update = state.update
             if name in self.replaced:
@@ -178,6 +189,7 @@ class FactoredPasses:
         if state.forward_done:
             return None
         record = self.records[index]
+        _check_grad_enabled(f"layer '{record.name}'")
         record.calls += 1
         if not isinstance(value, Tensor) or not value.is_floating_point():
             kind = value.dtype if isinstance(value, Tensor) else type(value).__name__
@@ -288,6 +300,26 @@ class FactoredPasses:
     ) -> tuple[list[Tensor], list[Tensor]]:
         """``x(theta')`` and ``g(theta') - lr H(theta) v`` at each layer for the chunk whose forward
         arguments are ``forward_args`` (batch first)."""
+        try:
+            return self._chunk_terms(
+                forward_args, resolve_target, learning_rate, h_scale, exact_hvp
+            )
+        except torch.utils.checkpoint.CheckpointError as error:
+            # Non-reentrant checkpointing recomputes a block in the backward: the hooks' updates
+            # are not replayed there, so the recomputation differs. The loop supports it.
+            raise FactoredUnsupported(
+                f"the model checkpoints activations ({error.args[0].splitlines()[0]}); use "
+                "batch_mode='loop'"
+            ) from error
+
+    def _chunk_terms(
+        self,
+        forward_args: tuple,
+        resolve_target: Callable[[Tensor], object],
+        learning_rate: float,
+        h_scale: float,
+        exact_hvp: bool,
+    ) -> tuple[list[Tensor], list[Tensor]]:
         self.chunk = forward_args[0].shape[0]
 
         # 1. theta: the factors of each example's gradient; the labels.

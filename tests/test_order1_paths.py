@@ -181,8 +181,8 @@ def test_full_backward_hook_gives_the_maps_without_it(hvp):
 @pytest.mark.parametrize("hvp", ["finite_difference", "exact"])
 def test_non_reentrant_checkpointing_gives_the_maps_without_it(hvp):
     """The checkpointed block is recomputed during each backward: with the pass's parameters, and
-    the layer inside it tapped again the same way."""
-    expected = blocks_maps(blocks(), hvp=hvp)
+    the layer inside it tapped again the same way (the loop: "auto" falls back to it)."""
+    expected = blocks_maps(blocks(), hvp=hvp, batch_mode="loop")
     model = blocks(checkpointed=False)
     for maps, reference in zip(blocks_maps(model, hvp=hvp), expected):
         torch.testing.assert_close(maps, reference, rtol=0, atol=0)
