@@ -14,12 +14,13 @@ returning the all-zero map it would otherwise give.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "Capture",
@@ -28,6 +29,7 @@ __all__ = [
     "capture_layers",
     "check_each_ran_once",
     "layer_name",
+    "register_tap",
 ]
 
 
@@ -196,3 +198,22 @@ def attach_gradients(records: Sequence[LayerRecord], gradients: Sequence[Tensor 
                 "attribute a layer outside the no-grad region"
             )
         record.gradient = torch.zeros_like(record.activation) if gradient is None else gradient
+
+
+def register_tap(
+    layer: nn.Module, at_input: bool, tap: Callable[[object], Tensor | None]
+) -> RemovableHandle:
+    """A hook that hands ``tap`` the layer's output (or first input) and passes on what it returns
+    instead (None: unchanged); the caller removes the handle when its call ends."""
+    if at_input:
+
+        def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
+            tapped = tap(args[0] if args else None)
+            return None if tapped is None else (tapped, *args[1:])
+
+        return layer.register_forward_pre_hook(pre_hook)
+
+    def hook(module: nn.Module, args: tuple, output: object) -> Tensor | None:
+        return tap(output)
+
+    return layer.register_forward_hook(hook)

@@ -21,6 +21,7 @@ this can run is decided beforehand by :mod:`captum_normgrad._order1_traced`.
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +34,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from captum_normgrad._capture import LayerRecord, check_each_ran_once
+from captum_normgrad._capture import LayerRecord, check_each_ran_once, register_tap
 from captum_normgrad._order1_factors import Factors, ModuleRule, rule_for
 from captum_normgrad._order1_passes import ForwardCaller
 
@@ -210,32 +211,23 @@ class FactoredPasses:
 
     @contextmanager
     def hooks(self) -> Iterator[FactoredPasses]:
-        def output_tap(index: int) -> Callable:
-            def hook(module: nn.Module, args: tuple, output: object) -> Tensor | None:
-                return self._layer_tap(index, output)
-
-            return hook
-
-        def input_tap(index: int) -> Callable:
-            def hook(module: nn.Module, args: tuple) -> tuple | None:
-                tapped = self._layer_tap(index, args[0] if args else None)
-                return None if tapped is None else (tapped, *args[1:])
-
-            return hook
+        def taps() -> list:
+            return [
+                register_tap(record.layer, self.at_input, functools.partial(self._layer_tap, index))
+                for index, record in enumerate(self.records)
+            ]
 
         handles = []
         try:
             # The layers' own hooks first: an attributed layer with parameters is tapped after its
             # update is added (its output) or before the layer runs (its input).
             if self.at_input:  # before the modules' own pre-hooks, which may empty the input
-                for index, record in enumerate(self.records):
-                    handles.append(record.layer.register_forward_pre_hook(input_tap(index)))
+                handles += taps()
             for name, module in self.modules.items():
                 handles.append(module.register_forward_pre_hook(self._module_pre_hook(name)))
                 handles.append(module.register_forward_hook(self._module_hook(name)))
             if not self.at_input:
-                for index, record in enumerate(self.records):
-                    handles.append(record.layer.register_forward_hook(output_tap(index)))
+                handles += taps()
             yield self
         finally:
             for handle in handles:

@@ -22,6 +22,7 @@ reused from one example to the next.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from captum_normgrad._capture import LayerRecord, check_each_ran_once
+from captum_normgrad._capture import LayerRecord, check_each_ran_once, register_tap
 from captum_normgrad._order1_passes import ForwardCaller, Parameters, step_size
 
 __all__ = ["LoopPasses"]
@@ -95,27 +96,11 @@ class _Taps:
 
     @contextmanager
     def registered(self) -> Iterator[_Taps]:
-        def output_hook(index: int) -> Callable:
-            def hook(module: nn.Module, args: tuple, output: object) -> Tensor | None:
-                return self._seen(index, output)
-
-            return hook
-
-        def input_hook(index: int) -> Callable:
-            def hook(module: nn.Module, args: tuple) -> tuple | None:
-                tapped = self._seen(index, args[0] if args else None)
-                return None if tapped is None else (tapped, *args[1:])
-
-            return hook
-
         handles = []
         try:
             for index, record in enumerate(self.records):
-                layer = record.layer
-                if self.at_input:
-                    handles.append(layer.register_forward_pre_hook(input_hook(index)))
-                else:
-                    handles.append(layer.register_forward_hook(output_hook(index)))
+                tap = functools.partial(self._seen, index)
+                handles.append(register_tap(record.layer, self.at_input, tap))
             yield self
         finally:
             for handle in handles:

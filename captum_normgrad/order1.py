@@ -396,7 +396,6 @@ class LayerNormGradOrder1(LayerNormGrad):
                         attribute_to_layer_input,
                         loss,
                         caller,
-                        theta,
                         chunk,
                         settings,
                     )
@@ -500,7 +499,6 @@ class LayerNormGradOrder1(LayerNormGrad):
         attribute_to_layer_input: bool,
         loss: LossSpec,
         caller: ForwardCaller,
-        theta: dict[str, Tensor],
         chunk_size: int,
         settings: dict,
     ) -> list[LayerRecord]:
@@ -533,19 +531,14 @@ class LayerNormGradOrder1(LayerNormGrad):
         with passes.hooks():
             for start in range(0, num_examples, chunk_size):
                 stop = min(start + chunk_size, num_examples)
-                forward_args = (
-                    *(x[start:stop] for x in inputs),
-                    *(a[start:stop] if each else a for a, each in zip(args, per_example)),
-                )
                 chunk_activations, chunk_corrected = passes.chunk_terms(
-                    forward_args, resolve(start, stop), **settings
+                    _sliced(inputs, args, per_example, start, stop),
+                    resolve(start, stop),
+                    **settings,
                 )
                 activations.append(chunk_activations)
                 corrected.append(chunk_corrected)
-        for position, record in enumerate(records):
-            record.activation = torch.cat([a[position] for a in activations])
-            record.gradient = torch.cat([c[position] for c in corrected])
-        return records
+        return _concatenated(records, activations, corrected)
 
     def _loop_records(
         self,
@@ -592,19 +585,14 @@ class LayerNormGradOrder1(LayerNormGrad):
         activations, corrected = [], []
         with passes.hooks():
             for index in range(num_examples):
-                forward_args = (
-                    *(x[index : index + 1] for x in inputs),
-                    *(a[index : index + 1] if each else a for a, each in zip(args, per_example)),
-                )
                 example_activations, example_corrected = passes.example_terms(
-                    forward_args, resolve(index), **settings
+                    _sliced(inputs, args, per_example, index, index + 1),
+                    resolve(index),
+                    **settings,
                 )
                 activations.append(example_activations)
                 corrected.append(example_corrected)
-        for position, record in enumerate(records):
-            record.activation = torch.cat([a[position] for a in activations])
-            record.gradient = torch.cat([c[position] for c in corrected])
-        return records
+        return _concatenated(records, activations, corrected)
 
     def _vmapped_records(
         self,
@@ -660,6 +648,27 @@ class LayerNormGradOrder1(LayerNormGrad):
             record.activation = record.activation.detach()
             record.gradient = torch.zeros_like(record.activation)
         return records
+
+
+def _sliced(
+    inputs: tuple[Tensor, ...], args: tuple, per_example: Sequence[bool], start: int, stop: int
+) -> tuple:
+    """The forward arguments of examples ``start:stop``: inputs and per-example additional
+    arguments sliced, the others passed whole."""
+    return (
+        *(x[start:stop] for x in inputs),
+        *(a[start:stop] if each else a for a, each in zip(args, per_example)),
+    )
+
+
+def _concatenated(
+    records: list[LayerRecord], activations: list[list[Tensor]], corrected: list[list[Tensor]]
+) -> list[LayerRecord]:
+    """Each record gets its layer's activations and corrected gradients of every part, in order."""
+    for position, record in enumerate(records):
+        record.activation = torch.cat([a[position] for a in activations])
+        record.gradient = torch.cat([c[position] for c in corrected])
+    return records
 
 
 def _trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
