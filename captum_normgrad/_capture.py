@@ -2,7 +2,10 @@
 
 The forward hook hands the rest of the network a *clone* of the activation it records, so an in-place
 operation downstream (torchvision's ``ReLU(inplace=True)``, ResNet's ``out += identity``) cannot
-overwrite what was saved, and the saved tensor stays the one autograd differentiates against.
+overwrite what was saved, and the saved tensor stays the one autograd differentiates against. At a
+layer's input (``at_input``) the record keeps a copy of the input, and the layer gets the input plus
+a zero leaf: the gradient is the one that flows into the input through this layer, however else the
+model uses that tensor and whatever it does to it in place afterwards.
 
 Only the forward pass is recorded. Activation checkpointing re-runs a block during the backward pass
 and so fires the hooks again; once the caller marks the forward pass as over
@@ -41,8 +44,14 @@ class LayerRecord:
         layer: the module.
         name: its qualified name in the model (or its class name), for error messages.
         calls: how many times the module ran in the forward pass.
-        activation: the tensor whose gradient NormGrad takes (the layer's output, or its input with
-            ``attribute_to_layer_input=True``); always part of the autograd graph.
+        activation: the value NormGrad takes (the layer's output, or with
+            ``attribute_to_layer_input=True`` a copy of its input, which the model may change in
+            place after the layer ran); part of the autograd graph where anything upstream is.
+        tap: the tensor the gradient is taken with respect to. At an output, the activation itself
+            (everything downstream uses it). At an input, a zero added on the layer's input edge:
+            the gradient that reaches the input through this layer, the virtual identity's
+            gradient, also where the model uses the same tensor elsewhere (``x + f(x)``) and
+            whether or not anything upstream requires grad.
         layer_input: the layer's first input, kept only when asked for (the real-convolution form).
         gradient: ``d loss / d activation``, filled in after the backward pass.
         evidence_sign: ``+1`` when the backpropagated quantity is a score to increase
@@ -58,6 +67,7 @@ class LayerRecord:
     name: str
     calls: int = 0
     activation: Tensor | None = None
+    tap: Tensor | None = None
     layer_input: Tensor | None = None
     gradient: Tensor | None = None
     evidence_sign: int = 1
@@ -84,7 +94,7 @@ def layer_name(model: object, layer: nn.Module) -> str:
     return type(layer).__name__
 
 
-def _grad_tracking(tensor: object, name: str, where: str) -> Tensor:
+def _float_tensor(tensor: object, name: str, where: str) -> Tensor:
     if not isinstance(tensor, Tensor):
         raise TypeError(
             f"layer '{name}' has a {type(tensor).__name__} as its {where}; NormGrad needs a single "
@@ -95,6 +105,11 @@ def _grad_tracking(tensor: object, name: str, where: str) -> Tensor:
             f"layer '{name}' has a {tensor.dtype} tensor as its {where}; NormGrad needs a "
             "floating-point activation"
         )
+    return tensor
+
+
+def _grad_tracking(tensor: object, name: str, where: str) -> Tensor:
+    tensor = _float_tensor(tensor, name, where)
     # Nothing upstream requires grad (frozen model, plain input): start a graph here.
     return tensor if tensor.requires_grad else tensor.detach().requires_grad_()
 
@@ -135,8 +150,11 @@ def capture_layers(
             if not args:
                 raise TypeError(f"layer '{record.name}' was called without a positional input")
             if at_input:
-                record.activation = _grad_tracking(args[0], record.name, "input")
-                return (record.activation.clone(), *args[1:])
+                source = _float_tensor(args[0], record.name, "input")
+                record.activation = source.clone()
+                record.tap = torch.zeros_like(source, requires_grad=True)
+                # A new tensor: the layer may change its input in place (ReLU(inplace=True)).
+                return (source + record.tap, *args[1:])
             if keep_layer_input:
                 # The layer sees a private copy, so nothing downstream can change what we keep.
                 record.layer_input = args[0].clone()
@@ -149,7 +167,7 @@ def capture_layers(
         def hook(module: nn.Module, args: tuple, output: object) -> Tensor | None:
             if records.forward_over:
                 return None
-            record.activation = _grad_tracking(output, record.name, "output")
+            record.activation = record.tap = _grad_tracking(output, record.name, "output")
             return record.activation.clone()
 
         return hook

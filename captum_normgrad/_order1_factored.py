@@ -204,7 +204,9 @@ class FactoredPasses:
             )
         if not state.tap_layers or record.calls > 1:
             return None
-        self.layer_values[index] = (value.detach(), value._version)
+        # An input is copied: the model may change it in place after the layer ran.
+        kept = value.detach().clone() if self.at_input else value.detach()
+        self.layer_values[index] = (kept, kept._version)
         zero = torch.zeros_like(value, requires_grad=True)
         self.layer_zeros[index] = zero
         return value + zero

@@ -42,8 +42,9 @@ class _Taps:
 
     In a pass that needs the gradient at the layers, each hook records the activation ``x`` and hands
     the rest of the network ``x + z``, ``z`` a zero leaf that requires grad: ``d loss / d z`` is the
-    gradient at the layer, and an in-place operation downstream (``ReLU(inplace=True)``) changes the
-    new tensor, never the recorded ``x``.
+    gradient at the layer (at an input: the gradient through this layer), and an in-place operation
+    downstream (``ReLU(inplace=True)``) changes the new tensor, never the recorded ``x``. A recorded
+    input is a copy, since the model still holds the tensor and may change it afterwards.
     """
 
     def __init__(self, records: Sequence[LayerRecord], at_input: bool) -> None:
@@ -90,7 +91,8 @@ class _Taps:
             return None
         if self.records[index].calls > 1:  # refused by check_each_ran_once after the forward
             return None
-        self.activations[index] = value.detach()
+        # An input is copied: the model may change it in place after the layer ran.
+        self.activations[index] = value.detach().clone() if self.at_input else value.detach()
         self.zeros[index] = torch.zeros_like(value, requires_grad=True)
         return value + self.zeros[index]
 

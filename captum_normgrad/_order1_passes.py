@@ -74,7 +74,7 @@ def _zero_added_at(
 
     def input_hook(index: int):
         def hook(module: nn.Module, args: tuple) -> tuple:
-            activations[index] = args[0]
+            activations[index] = args[0].clone()  # the model may change it in place later
             return (args[0] + zeros[index], *args[1:])
 
         return hook

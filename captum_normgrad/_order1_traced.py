@@ -73,6 +73,7 @@ _ELEMENTWISE_FUNCTIONS = {
     torch.relu,
     torch.sigmoid,
     torch.tanh,
+    torch.clone,
     F.relu,
     F.relu6,
     F.gelu,
@@ -97,6 +98,7 @@ _ELEMENTWISE_METHODS = {
     "mul",
     "mul_",
     "contiguous",
+    "clone",
     "size",
 }
 

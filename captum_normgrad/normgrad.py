@@ -75,11 +75,11 @@ def check_finite_map(layer_map: Tensor, record: LayerRecord) -> Tensor:
 def _gradients(
     total_loss: Tensor, records: Sequence[LayerRecord], create_graph: bool
 ) -> tuple[Tensor | None, ...]:
-    """``d total_loss / d activation`` for each record (``None`` where the loss ignores it)."""
+    """``d total_loss / d tap`` for each record (``None`` where the loss ignores it)."""
     try:
         return torch.autograd.grad(
             total_loss,
-            [record.activation for record in records],
+            [record.tap for record in records],
             create_graph=create_graph,
             allow_unused=True,
         )
