@@ -10,8 +10,14 @@ example is what the loop does too (its weight gradients). Per chunk:
    its output); this forward also resolves the labels;
 2. at ``theta - lr G_i``: the factors of ``v_i = grad l_i(theta')``, and ``x`` and ``g`` at the
    attributed layers;
-3. and 4. at ``theta +- h_i v_i``: ``g`` at the attributed layers only, the backward stopping there
-   (with ``hvp="exact"``, one pass at ``theta`` instead, ``H v`` carried as a forward-mode tangent).
+3. and 4. at ``theta +- h_i v_i``: ``g`` at the attributed layers only, the backward stopping there.
+
+With ``hvp="exact"`` passes 3 and 4 are replaced by one backward through pass 1's backward:
+``H(theta) v`` at a layer is ``d/dz <grad l(theta), v>`` for the zero ``z`` added there in pass 1
+(the mixed second derivative, in either order), and ``<G_i, v_i>`` is, layer by layer, pass 1's
+output gradient against the layer's output change under ``v_i`` (the rules' correction, from
+factors). It reuses pass 1's forward and backward instead of running the model again, so it costs
+about one of the finite difference's two passes.
 
 Autograd is never asked for a parameter's gradient (the parameters are detached aliases during the
 passes): a layer's output gradient comes from a tensor hook on its output, and the backward runs
@@ -22,20 +28,18 @@ this can run is decided beforehand by :mod:`captum_normgrad._order1_traced`.
 from __future__ import annotations
 
 import functools
-import re
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from captum_normgrad._capture import LayerRecord, check_each_ran_once, register_tap
 from captum_normgrad._order1_factors import Factors, ModuleRule, rule_for
+from captum_normgrad._order1_loop import second_derivative
 from captum_normgrad._order1_passes import ForwardCaller
 
 __all__ = ["FactoredPasses", "FactoredUnsupported", "layer_bytes_per_example"]
@@ -61,6 +65,8 @@ class _Pass:
     update: _Update | None = None
     record_factors: bool = False
     tap_layers: bool = False
+    # Keep the recorded inputs in the graph (pass 1 under hvp="exact": its double backward).
+    keep_graph: bool = False
     forward_done: bool = False
 
 
@@ -135,7 +141,10 @@ class FactoredPasses:
             update = state.update
             if name in self.replaced:
                 new_input = self.replaced.pop(name)
-                output = rule.output_at(new_input, update.factors[name], update.scale)
+                if update is None:
+                    output = rule.twice_differentiable_output(new_input)
+                else:
+                    output = rule.output_at(new_input, update.factors[name], update.scale)
             else:
                 new_input = args[0]
                 if update is not None and name in update.factors:
@@ -145,7 +154,8 @@ class FactoredPasses:
                     if correction is not None:
                         output = output + correction
             if state.record_factors:
-                self.module_inputs[name] = (new_input.detach(), new_input._version)
+                kept = new_input if state.keep_graph else new_input.detach()
+                self.module_inputs[name] = (kept, kept._version)
                 if new_input.requires_grad:
                     # d loss / d output, as the output was here: a tensor hook fires with the
                     # gradient of this value even if an in-place operation downstream
@@ -175,10 +185,14 @@ class FactoredPasses:
         rule = self.rules[name]
 
         def hook(module: nn.Module, args: tuple) -> tuple | None:
-            update = self.state.update
-            if self.state.forward_done or update is None or name not in update.factors:
+            state = self.state
+            if state.forward_done:
                 return None
-            if not rule.replaces(update.factors[name]):
+            update = state.update
+            if update is None:
+                if not (state.keep_graph and rule.rewrites_for_double_backward):
+                    return None
+            elif name not in update.factors or not rule.replaces(update.factors[name]):
                 return None
             self.replaced[name] = args[0]
             return (args[0][:0], *args[1:])
@@ -273,10 +287,14 @@ class FactoredPasses:
         self.module_outputs, self.module_grads, self.root_zeros = {}, {}, {}
         return factors
 
-    def _grad(self, loss: Tensor, wrt: Sequence[Tensor]) -> list[Tensor | None]:
+    def _grad(
+        self, loss: Tensor, wrt: Sequence[Tensor], create_graph: bool = False
+    ) -> list[Tensor | None]:
         if not wrt or not loss.requires_grad:
             return [None] * len(wrt)
-        return list(torch.autograd.grad(loss, list(wrt), allow_unused=True))
+        return list(
+            torch.autograd.grad(loss, list(wrt), allow_unused=True, create_graph=create_graph)
+        )
 
     def _layer_gradients(self, found: Sequence[Tensor | None]) -> list[Tensor]:
         return [
@@ -316,19 +334,30 @@ class FactoredPasses:
     ) -> tuple[list[Tensor], list[Tensor]]:
         self.chunk = forward_args[0].shape[0]
 
-        # 1. theta: the factors of each example's gradient; the labels.
-        outputs = self._forward(forward_args, _Pass(record_factors=True))
+        # 1. theta: the factors of each example's gradient; the labels. For the exact product
+        # they stay in the graph (the backward's too), with a zero at each attributed layer.
+        outputs = self._forward(
+            forward_args,
+            _Pass(record_factors=True, tap_layers=exact_hvp, keep_graph=exact_hvp),
+        )
         target = resolve_target(outputs.detach())
         loss = self.loss(outputs, target).sum()
         del outputs
-        first = self._factors(self._grad(loss, list(self.root_zeros.values())))
+        # The backward runs to the layers' zeros too: a layer tapped below every module with
+        # parameters is where the backward starts from.
+        zeros_at_theta = [zero for zero in self.layer_zeros if zero is not None]
+        roots = list(self.root_zeros.values())
+        found = self._grad(loss, [*roots, *zeros_at_theta], create_graph=exact_hvp)
+        first = self._factors(found[: len(roots)])
+        zeros_at_theta = list(self.layer_zeros)
         del loss
 
         # 2. theta' = theta - lr G: the direction v, and x and g at the layers.
         device = forward_args[0].device
         scale = torch.full((self.chunk,), -learning_rate, dtype=torch.float64, device=device)
+        step = {name: f.detached() for name, f in first.items()} if exact_hvp else first
         outputs = self._forward(
-            forward_args, _Pass(_Update(first, scale), record_factors=True, tap_layers=True)
+            forward_args, _Pass(_Update(step, scale), record_factors=True, tap_layers=True)
         )
         loss = self.loss(outputs, target).sum()
         del outputs
@@ -340,10 +369,10 @@ class FactoredPasses:
             _checked(saved, f"activation of layer '{record.name}'")
             for saved, record in zip(self.layer_values, self.records)
         ]
-        del first, found
+        del step, found
 
         if exact_hvp:
-            hessian_terms = self._exact_hessian_terms(forward_args, target, direction)
+            hessian_terms = self._exact_hessian_terms(first, direction, zeros_at_theta)
             corrected = [g - learning_rate * hv for g, hv in zip(gradients, hessian_terms)]
             return activations, corrected
 
@@ -370,37 +399,15 @@ class FactoredPasses:
         return self._layer_gradients(self._grad(loss, self.layer_zeros))
 
     def _exact_hessian_terms(
-        self, forward_args: tuple, target: object, direction: dict[str, Factors]
+        self,
+        first: dict[str, Factors],
+        direction: dict[str, Factors],
+        zeros_at_theta: Sequence[Tensor | None],
     ) -> list[Tensor]:
-        """``H(theta) v`` at the layers exactly: the derivative of ``g(theta + t v)`` at ``t = 0``,
-        carried forward as a tangent (forward-over-reverse) through one pass at ``theta``."""
-        device = forward_args[0].device
-        with warnings.catch_warnings(), fwAD.dual_level():
-            # torch's first forward-mode call loads decompositions through torch.jit.script, which
-            # warns about its own deprecation; nothing the user can act on.
-            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
-            scale = fwAD.make_dual(
-                torch.zeros(self.chunk, dtype=torch.float64, device=device),
-                torch.ones(self.chunk, dtype=torch.float64, device=device),
-            )
-            outputs = self._forward(forward_args, _Pass(_Update(direction, scale), tap_layers=True))
-            loss = self.loss(outputs, target).sum()
-            try:
-                found = self._layer_gradients(self._grad(loss, self.layer_zeros))
-            except NotImplementedError as error:
-                missing = re.search(r"forward AD with (\S+)", str(error))
-                if missing is None:
-                    raise
-                raise ValueError(
-                    "hvp='exact' differentiates the model's gradient a second time, and PyTorch "
-                    f"has no derivative of {missing.group(1)} (in forward mode), which this model "
-                    "uses; use hvp='finite_difference' (the paper's)"
-                ) from error
-            terms = []
-            for gradient in found:
-                tangent = fwAD.unpack_dual(gradient).tangent
-                terms.append(torch.zeros_like(gradient) if tangent is None else tangent.clone())
-        return terms
+        """``H(theta) v`` at the layers exactly: ``d/dz <G, v>``, a backward through pass 1's
+        backward, from the factors of ``G`` (in the graph) and of ``v``."""
+        pairing = sum(self.rules[name].inner(first[name], direction[name]).sum() for name in first)
+        return second_derivative(pairing, list(zeros_at_theta))
 
 
 def layer_bytes_per_example(

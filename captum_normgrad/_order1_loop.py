@@ -34,7 +34,7 @@ from torch.func import functional_call
 from captum_normgrad._capture import LayerRecord, check_each_ran_once, register_tap
 from captum_normgrad._order1_passes import ForwardCaller, Parameters, step_size
 
-__all__ = ["LoopPasses"]
+__all__ = ["LoopPasses", "second_derivative"]
 
 
 class _Taps:
@@ -138,7 +138,7 @@ def _gradients(
     ]
 
 
-def _second_derivative(pairing: Tensor | int, zeros: list[Tensor | None]) -> list[Tensor]:
+def second_derivative(pairing: Tensor | int, zeros: list[Tensor | None]) -> list[Tensor]:
     """``d pairing / d zeros``, a backward through a backward: refused, naming the operation, where
     PyTorch has no second derivative (``hardsigmoid`` in MobileNetV3)."""
     if not isinstance(pairing, Tensor):  # no parameter gradient depends on anything
@@ -265,7 +265,7 @@ class LoopPasses:
                 pairing = sum(
                     (f * direction[name]).sum() for name, f in zip(names, first) if f.requires_grad
                 )
-                hessian_terms = _second_derivative(pairing, zeros_at_theta)
+                hessian_terms = second_derivative(pairing, zeros_at_theta)
             else:
                 del first
                 h = step_size(direction, h_scale)

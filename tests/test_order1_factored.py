@@ -112,6 +112,39 @@ def test_factored_equals_loop_on_tokens_with_extra_arguments_and_a_callable_loss
     _same_maps(order1, signals, target=wanted, loss=squared_error, additional_forward_args=(scale,))
 
 
+@pytest.mark.parametrize("at_input", [False, True], ids=["outputs", "inputs"])
+def test_exact_product_equals_the_loops_on_every_model(at_input):
+    """The exact product is a backward through pass 1's backward, from the rules' inner products
+    (and pass 1 runs the convolutions and BatchNorm in a twice-differentiable form of its own).
+    At the first layer's input nothing below has parameters: pass 1's backward starts there."""
+    residual = _residual()
+    images = torch.randn(3, 3, 12, 12, dtype=torch.float64)
+    layers = [residual.stem, residual.grouped, residual.pointwise]
+    for layer in layers:
+        _same_maps(
+            LayerNormGradOrder1(residual, layer),
+            images,
+            target=[0, 1, 2],
+            hvp="exact",
+            eps=0.01,
+            attribute_to_layer_input=at_input,
+        )
+    torch.manual_seed(1)
+    tokens = _randomised_batchnorm(Tokens()).double().eval()
+    signals = torch.randn(4, 3, 7, dtype=torch.float64)
+    scale = torch.rand(4, 1, dtype=torch.float64) + 0.5
+    for layer in (tokens.embed, tokens.norm, tokens.head):
+        _same_maps(
+            LayerNormGradAdversarial(tokens, layer),
+            signals,
+            target=[0, 1, 2, 0],
+            additional_forward_args=(scale,),
+            hvp="exact",
+            eps=0.01,
+            attribute_to_layer_input=at_input,
+        )
+
+
 def test_factored_equals_loop_on_torchvision_resnet_with_partly_frozen_layers():
     torch.manual_seed(2)
     model = _randomised_batchnorm(torchvision.models.resnet18(num_classes=5)).double().eval()

@@ -55,12 +55,30 @@ def _check_rule(module: nn.Module, inputs: torch.Tensor, new_inputs: torch.Tenso
         else:
             got = shared + rule.correction(new_inputs, shared.shape, factors, scale)
         norms = rule.squared_norm(factors)
+    # <G_i, D_i> for a second pass's gradient G (the exact product differentiates this).
+    new_grads = torch.randn_like(shared)
+    inner = rule.inner(Factors(new_inputs, new_grads), factors)
     updates = _per_example_update(module, inputs, grads)
+    new_updates = _per_example_update(module, new_inputs, new_grads)
     for i, update in enumerate(updates):
         expected = _moved_output(module, new_inputs[i], update, float(scale[i]))
         torch.testing.assert_close(got[i], expected, rtol=1e-10, atol=1e-10)
         squared = sum(d.square().sum() for d in update)
         torch.testing.assert_close(norms[i], squared, rtol=1e-10, atol=1e-12)
+        paired = sum((d * e).sum() for d, e in zip(update, new_updates[i]))
+        torch.testing.assert_close(inner[i], paired, rtol=1e-10, atol=1e-12)
+    if rule.rewrites_for_double_backward:
+        # The same layer, and its derivatives to second order, by finite differences.
+        with torch.no_grad():
+            torch.testing.assert_close(
+                rule.twice_differentiable_output(new_inputs), shared, rtol=1e-12, atol=1e-12
+            )
+        probe = (
+            new_inputs[:1, :, :6, :6].clone().requires_grad_()
+            if new_inputs.dim() == 4
+            else new_inputs[:1].clone().requires_grad_()
+        )
+        assert torch.autograd.gradgradcheck(rule.twice_differentiable_output, (probe,))
 
 
 @pytest.mark.parametrize(
