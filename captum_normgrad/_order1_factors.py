@@ -404,7 +404,7 @@ class ConvRule(_MatrixRule):
         bias = None if self.bias is None else self.bias.detach()
         geometry = (self.stride, self.padding, self.dilation, self.groups)
         weight = self.weight.detach().reshape(*self.weight.shape[:2], *self.kernel_size)
-        out = _ConvBackwardTransposed.apply(self._as_2d(new_input), weight, bias, geometry)
+        out = _ConvTwiceDifferentiable.apply(self._as_2d(new_input), weight, bias, geometry)
         return out.squeeze(2) if self.one_d else out
 
     def output_at(self, new_input: Tensor, factors: Factors, scale: Tensor) -> Tensor:
@@ -445,11 +445,11 @@ class ConvRule(_MatrixRule):
         return out.squeeze(2) if self.one_d else out
 
 
-class _ConvBackwardTransposed(torch.autograd.Function):
-    """``conv2d`` whose input gradient is taken by ``conv_transpose2d``. Differentiating that
-    gradient again costs one convolution; autograd's own convolution double backward also computes
-    a weight-shaped term (``conv(ggI, gO)``) that nothing asks for, one more convolution per layer.
-    The weight is fixed (no weight gradient)."""
+class _ConvTwiceDifferentiable(torch.autograd.Function):
+    """``conv2d`` with a fixed weight, whose input gradient (:class:`_ConvInputGradient`) is
+    differentiated again by one forward convolution. Autograd's own convolution double backward
+    also computes a weight-shaped term (``conv(ggI, gO)``) that nothing asks for, and
+    ``conv_transpose2d``'s backward is several times slower than a convolution on CPU."""
 
     @staticmethod
     def forward(
@@ -457,24 +457,32 @@ class _ConvBackwardTransposed(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(weight)
         ctx.geometry = geometry
-        ctx.input_size = inputs.shape[2:]
+        ctx.input_size = inputs.shape
         return F.conv2d(inputs, weight, bias, *geometry)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple:
         (weight,) = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.geometry
-        # The rows and columns a strided convolution never reached.
-        output_padding = tuple(
-            size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
-            for size, out, s, p, d, k in zip(
-                ctx.input_size, grad_output.shape[2:], stride, padding, dilation, weight.shape[2:]
-            )
-        )
-        grad_input = F.conv_transpose2d(
-            grad_output, weight, None, stride, padding, output_padding, groups, dilation
-        )
+        grad_input = _ConvInputGradient.apply(grad_output, weight, ctx.geometry, ctx.input_size)
         return grad_input, None, None, None
+
+
+class _ConvInputGradient(torch.autograd.Function):
+    """``d conv2d / d input`` applied to ``grad_output``: linear in it, so its own gradient is the
+    convolution itself."""
+
+    @staticmethod
+    def forward(
+        ctx, grad_output: Tensor, weight: Tensor, geometry: tuple, input_size: torch.Size
+    ) -> Tensor:
+        ctx.save_for_backward(weight)
+        ctx.geometry = geometry
+        return torch.nn.grad.conv2d_input(input_size, weight, grad_output, *geometry)
+
+    @staticmethod
+    def backward(ctx, grad_grad_input: Tensor) -> tuple:
+        (weight,) = ctx.saved_tensors
+        return F.conv2d(grad_grad_input, weight, None, *ctx.geometry), None, None, None
 
 
 class BatchNormRule(ModuleRule):

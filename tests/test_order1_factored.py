@@ -90,7 +90,7 @@ def test_factored_equals_loop_on_convolutions_of_every_kind():
     layers = [model.norm, model.grouped, model.pointwise]
     order1 = LayerNormGradOrder1(model, layers)
     _same_maps(order1, images, target=[0, 1, 2, 3, 0])
-    _same_maps(order1, images, target=2, chunk_size=2)  # chunks 2, 2, 1
+    _same_maps(order1, images, target=2, chunk_size=2)  # chunks 1, 2, 2
     _same_maps(order1, images, target=None, attribute_to_layer_input=True, eps=0.01)
     _same_maps(order1, images, target=torch.tensor([3, 2, 1, 0, 1]), hvp="exact", eps=0.01)
     _same_maps(LayerNormGradAdversarial(model, model.depthwise), images, target=1, eps=0.01)
