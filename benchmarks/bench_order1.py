@@ -7,7 +7,8 @@ per-example loop, with ``hvp="exact"``, and ``LayerGradCam`` at the same layer. 
 training step (target <= 4.0, stretch <= 3.0: the paper's four passes per example, two of which stop
 at the layer), the loop / training step, exact / finite difference (target <= 1.0), order 1 /
 Grad-CAM. Then on one model and batch: the three batch modes' time and peak memory above the loaded
-model (each measured in a fresh process).
+model (each measured in a fresh process), and the peak memory of the exact product in the loop and
+the factored mode.
 
 The machine is shared and noisy: the methods run in alternating rounds (each round calls every
 method once, in turn) after a warm-up call each, and the medians over rounds are compared.
@@ -64,9 +65,13 @@ def methods(model: nn.Module, layer_name: str) -> dict:
     }
 
 
-def batch_mode_call(model: nn.Module, layer_name: str, batch_mode: str):
+def batch_mode_call(
+    model: nn.Module, layer_name: str, batch_mode: str, hvp: str = "finite_difference"
+):
     order1 = LayerNormGradOrder1(model, model.get_submodule(layer_name))
-    return lambda x, t: order1.attribute(x, target=t, batch_mode=batch_mode, chunk_size=x.shape[0])
+    return lambda x, t: order1.attribute(
+        x, target=t, batch_mode=batch_mode, chunk_size=x.shape[0], hvp=hvp
+    )
 
 
 def median_seconds(
@@ -85,14 +90,14 @@ def median_seconds(
 
 
 def peak_memory_mb(
-    model_name: str, layer: str, batch_mode: str, batch: int, size: int, threads: int
+    model_name: str, layer: str, batch_mode: str, batch: int, size: int, threads: int, hvp: str
 ) -> float:
     """Peak resident memory of one call above the loaded model and inputs, in a fresh process."""
     setup = f"""
 import torch; torch.set_num_threads({threads})
 import bench_order1 as bench
 model = bench.build({model_name!r}); images, target = bench.inputs({batch}, {size})
-call = bench.batch_mode_call(model, {layer!r}, {batch_mode!r})
+call = bench.batch_mode_call(model, {layer!r}, {batch_mode!r}, {hvp!r})
 """
     return peak_memory_above_setup_mb(setup, "call(images, target)")
 
@@ -154,13 +159,17 @@ def main() -> None:
         print(f"  {mode:<8} {value * 1000:8.0f} ms")
     print(ratio_line("factored / loop time", seconds["factored"] / seconds["loop"]))
     print(ratio_line("vmap / loop time", seconds["vmap"] / seconds["loop"]))
+    measured = [(mode, "finite_difference") for mode in modes]
+    measured += [("loop", "exact"), ("factored", "exact")]
     memory = {
-        mode: peak_memory_mb(model_name, args.layer, mode, args.vmap_batch, int(size), args.threads)
-        for mode in modes
+        (mode, hvp): peak_memory_mb(
+            model_name, args.layer, mode, args.vmap_batch, int(size), args.threads, hvp
+        )
+        for mode, hvp in measured
     }
     print(
         "  peak memory above the model (MB): "
-        + ", ".join(f"{mode} {memory[mode]:.0f}" for mode in modes)
+        + ", ".join(f"{mode} {hvp} {value:.0f}" for (mode, hvp), value in memory.items())
     )
     print(f"  load average {os.getloadavg()[0]:.2f} at the end")
 

@@ -35,12 +35,12 @@ __all__ = [
 BatchMode = Literal["auto", "factored", "loop", "vmap"]
 
 # The factored passes keep each layer's input and output gradient per example and run a chunk as
-# one batch: measured with 2 CPU threads (benchmarks/bench_order1.py), they beat the per-example
-# loop where those are small (ResNet-18 at 160x160: 19 MB per example, 2x faster) and lose where
-# they are large (ResNet-50 at 224x224: 168 MB; batch-1 convolutions are efficient on large images,
-# and chunks that big are memory-bound). "auto" takes them up to FACTORED_EXAMPLE_BYTES, and a
-# chunk holds about FACTORED_CHUNK_BYTES of them (fastest of 4, 8 and 16 examples on both models).
-FACTORED_EXAMPLE_BYTES = 64 << 20
+# one batch. Measured with 2 CPU threads at batch 4 (layer bytes per example, time / the loop's):
+# ResNet-18 160x160 (18 MB) 0.5, VGG-16 224 (86 MB) 0.57, MobileNetV2 224 (102 MB) 0.86, ResNet-50
+# 224 (167 MB) 0.9 (0.9 at batch 16), with chunks as equal as they can be (3 + 1 examples had cost
+# ResNet-50 more than the loop). Larger models were not measured: "auto" takes the factored passes
+# up to FACTORED_EXAMPLE_BYTES, and a chunk holds about FACTORED_CHUNK_BYTES of them.
+FACTORED_EXAMPLE_BYTES = 192 << 20
 FACTORED_CHUNK_BYTES = 512 << 20
 FACTORED_CHUNK = 8  # where the sizes cannot be known beforehand
 

@@ -13,8 +13,8 @@ grad:
 ``x`` is the layer's activation, ``g = d l / d x``; the difference quotient is the paper's central
 finite difference for the Hessian-vector product ``H(theta) v`` restricted to the layer (four
 forward-backward passes per example). ``hvp="exact"`` takes that product exactly instead (no
-``h``): by a double backward in the loop, forward-over-reverse under vmap. As ``eps -> 0`` the map
-is order 0.
+``h``): by a double backward (loop and factored modes), forward-over-reverse under vmap. As
+``eps -> 0`` the map is order 0.
 
 The adversarial map descends ``-l(theta + eps grad l(theta))``: the inner step and the sign of the
 correction flip, ``theta' = theta + eps grad l(theta)`` and ``|| g_u(theta') + eps H v ||``. It
@@ -229,10 +229,10 @@ class LayerNormGradOrder1(LayerNormGrad):
             h_scale: the finite-difference step is ``h = h_scale / ||grad l(theta')||_2``
                 (paper: ``0.5``). Unused with ``hvp="exact"``.
             hvp: ``"finite_difference"`` (the paper, four passes per example) or ``"exact"``
-                (two passes and a double backward through the first in the loop; under vmap,
-                forward-over-reverse, the last pass carrying tangents). Refused, naming the
-                operation, for a model with an operation PyTorch cannot differentiate twice
-                (``hardsigmoid`` in MobileNetV3).
+                (two passes and a double backward through the first, in the loop and the
+                factored mode; under vmap, forward-over-reverse, the last pass carrying
+                tangents). Refused, naming the operation, for a model with an operation PyTorch
+                cannot differentiate twice (``hardsigmoid`` in MobileNetV3).
             batch_mode: ``"loop"`` runs the passes on one example at a time with plain autograd
                 (least memory, every model autograd runs). ``"factored"`` runs each pass ONCE for a
                 chunk of examples at the shared parameters, each example's own parameter update
@@ -243,10 +243,10 @@ class LayerNormGradOrder1(LayerNormGrad):
                 reason). ``"vmap"`` runs chunks through ``torch.func.vmap`` (about five copies of
                 the trainable parameters per example; refused for full backward hooks and
                 checkpointing). ``"auto"``, on CPU with a cross-entropy loss, takes the factored
-                passes where they run and the layers hold at most 64 MB per example (ResNet-18 at
-                160x160: 2x faster than the loop; ResNet-50 at 224x224 stays in the loop, which
-                is faster there), else the loop; on CUDA, vmap with a cross-entropy loss, else the
-                loop. See the README's measured cost.
+                passes where they run and the layers hold at most 192 MB per example (measured
+                faster than the loop from ResNet-18 at 160x160, 2x, to ResNet-50 at 224x224,
+                1.1x), else the loop; on CUDA, vmap with a cross-entropy loss, else the loop. See
+                the README's measured cost.
             chunk_size: examples per factored chunk or vmapped call; default: about 512 MB of
                 layer inputs and outputs per factored chunk; for vmap, as many as fit in half the
                 free CUDA memory (a quarter of the available RAM on CPU).
