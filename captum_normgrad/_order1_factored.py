@@ -343,14 +343,14 @@ class FactoredPasses:
         target = resolve_target(outputs.detach())
         loss = self.loss(outputs, target).sum()
         del outputs
-        # The backward runs to the layers' zeros too: a layer tapped below every module with
-        # parameters is where the backward starts from.
-        zeros_at_theta = [zero for zero in self.layer_zeros if zero is not None]
         roots = list(self.root_zeros.values())
-        found = self._grad(loss, [*roots, *zeros_at_theta], create_graph=exact_hvp)
-        first = self._factors(found[: len(roots)])
         zeros_at_theta = list(self.layer_zeros)
-        del loss
+        # The backward runs to the tapped layers' zeros too: a layer tapped below every module with
+        # parameters is where it starts.
+        taps = [zero for zero in zeros_at_theta if zero is not None]
+        found = self._grad(loss, [*roots, *taps], create_graph=exact_hvp)
+        first = self._factors(found[: len(roots)])
+        del loss, found
 
         # 2. theta' = theta - lr G: the direction v, and x and g at the layers.
         device = forward_args[0].device

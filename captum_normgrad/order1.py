@@ -247,7 +247,7 @@ class LayerNormGradOrder1(LayerNormGrad):
                 faster than the loop from ResNet-18 at 160x160, 2x, to ResNet-50 at 224x224,
                 1.1x), else the loop; on CUDA, vmap with a cross-entropy loss, else the loop. See
                 the README's measured cost.
-            chunk_size: examples per factored chunk or vmapped call; default: about 512 MB of
+            chunk_size: examples per factored chunk or vmapped call; default: about 768 MB of
                 layer inputs and outputs per factored chunk; for vmap, as many as fit in half the
                 free CUDA memory (a quarter of the available RAM on CPU).
 

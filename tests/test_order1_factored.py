@@ -341,7 +341,7 @@ def test_order_one_tends_to_order_zero_as_eps_vanishes():
     torch.testing.assert_close(near, order0, rtol=1e-5, atol=1e-10)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     channels=st.integers(1, 6),
     kernel=st.sampled_from([1, 2, 3]),
@@ -353,6 +353,8 @@ def test_order_one_tends_to_order_zero_as_eps_vanishes():
     norm=st.booleans(),
     head_bias=st.booleans(),
     attribute_first=st.booleans(),
+    at_input=st.booleans(),
+    hvp=st.sampled_from(["finite_difference", "exact"]),
     seed=st.integers(0, 10_000),
 )
 def test_random_convolutional_nets(
@@ -366,6 +368,8 @@ def test_random_convolutional_nets(
     norm,
     head_bias,
     attribute_first,
+    at_input,
+    hvp,
     seed,
 ):
     torch.manual_seed(seed)
@@ -379,4 +383,11 @@ def test_random_convolutional_nets(
     model = _randomised_batchnorm(model).double().eval()
     images = torch.randn(3, 2, 9, 9, dtype=torch.float64)
     layer = first if attribute_first else second
-    _same_maps(LayerNormGradOrder1(model, layer), images, target=[0, 1, 2], eps=0.01)
+    _same_maps(
+        LayerNormGradOrder1(model, layer),
+        images,
+        target=[0, 1, 2],
+        eps=0.01,
+        hvp=hvp,
+        attribute_to_layer_input=at_input,
+    )
