@@ -492,6 +492,12 @@ class LayerNormGradOrder1(LayerNormGrad):
             chunk_size = max(1, FACTORED_CHUNK_BYTES // per_example)
         return chunk_size, None
 
+    def _check_layouts(self, activations: Sequence[Tensor], at_input: bool) -> None:
+        """The maps' layout check on the first example's (or chunk's) activations, so that a
+        layout that cannot be known is refused before the other examples' passes run."""
+        for layout, activation in zip(self.layouts, activations):
+            layout.side(at_input).channels_first(activation)
+
     def _factored_records(
         self,
         inputs: tuple[Tensor, ...],
@@ -538,6 +544,8 @@ class LayerNormGradOrder1(LayerNormGrad):
                 )
                 activations.append(chunk_activations)
                 corrected.append(chunk_corrected)
+                if start == 0:
+                    self._check_layouts(chunk_activations, attribute_to_layer_input)
         return _concatenated(records, activations, corrected)
 
     def _loop_records(
@@ -592,6 +600,8 @@ class LayerNormGradOrder1(LayerNormGrad):
                 )
                 activations.append(example_activations)
                 corrected.append(example_corrected)
+                if index == 0:
+                    self._check_layouts(example_activations, attribute_to_layer_input)
         return _concatenated(records, activations, corrected)
 
     def _vmapped_records(

@@ -98,6 +98,42 @@ def test_unknown_token_layers_are_refused_with_shape_and_transform(token_problem
     assert monitor.latest is None
 
 
+class ChannelsLastLinear(nn.Module):
+    """(N, 4, 4, 6) after a per-pixel Linear: made of what the factored passes run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, pixels):
+        return self.head(torch.relu(self.proj(pixels.permute(0, 2, 3, 1))).mean(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("batch_mode, examples_run", [("loop", 1), ("factored", 2)])
+def test_order1_refuses_an_unknown_layout_after_the_first_example_not_the_whole_batch(
+    batch_mode, examples_run, one_thread
+):
+    """A channels-last layer without a transform is refused once the first example (loop) or
+    chunk (factored, 2 examples) has run its four passes, not after all six examples."""
+    model = ChannelsLastLinear().double()
+    seen = []
+    forward = model.head.forward
+
+    def counted(x):  # not a hook (the factored mode refuses those)
+        if not x.is_meta:  # "auto"'s shape-only forward on the meta device does not count
+            seen.append(x.shape[0])
+        return forward(x)
+
+    model.head.forward = counted
+    pixels = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"layer 'proj' has an activation of shape"):
+        LayerNormGradOrder1(model, model.proj).attribute(
+            pixels, target=[0, 1, 2, 0, 1, 2], batch_mode=batch_mode, chunk_size=2
+        )
+    assert sum(seen) == 4 * examples_run
+
+
 def test_unknown_per_token_linear_is_refused_by_the_conv_form(token_problem):
     model, pixels, labels = token_problem
     with pytest.raises(ValueError, match=r"mlp.0.*\(2, 16, 1\).*TokensToGrid"):
