@@ -336,7 +336,7 @@ def test_order1_item_7_order1_with_hooks_or_checkpointing(condition, one_thread)
     assert_model_unchanged(model, before)
 
 
-@pytest.mark.parametrize("batch_mode", ["loop", "vmap"])
+@pytest.mark.parametrize("batch_mode", ["loop", "vmap", "factored"])
 def test_order1_item_8_exact_hvp_on_hardsigmoid_is_refused_by_name(batch_mode, one_thread):
     model = TORCHVISION["mobilenet_v3_small"].build()
     before = model_snapshot(model)
