@@ -391,3 +391,64 @@ def test_random_convolutional_nets(
         hvp=hvp,
         attribute_to_layer_input=at_input,
     )
+
+
+class _Body(nn.Module):
+    def __init__(self, function) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, y):
+        return self.function(y)
+
+
+class _MixedBy(nn.Module):
+    """conv -> ``body`` (an operation under test) -> linear head on the flattened map."""
+
+    def __init__(self, function) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.body = _Body(function)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(self.body(torch.relu(self.conv(x))))
+
+
+_MIXING = {
+    "roll over the batch": lambda y: torch.roll(y, 1, 0).flatten(1),
+    "reshape to (-1, 144)": lambda y: y.reshape(-1, 144),
+    "flatten from dim 0": lambda y: y.flatten(0).view(y.size(0), -1),
+    "a sum over everything": lambda y: (y * y.sum()).flatten(1),
+    "a max over everything": lambda y: (y - y.max()).flatten(1),
+    "a flip of the batch": lambda y: y.flip(0).flatten(1),
+    "an einsum across examples": lambda y: torch.einsum("bchw,dchw->bchw", y, y).flatten(1),
+    "a sort over the batch": lambda y: torch.sort(y, 0)[0].flatten(1),
+    "a threshold at the batch mean": lambda y: torch.where(y > y.mean(), y, 0 * y).flatten(1),
+    "a slice of the batch": lambda y: torch.cat([y[1:], y[:1]]).flatten(1),
+}
+
+
+@pytest.mark.parametrize("operation", list(_MIXING))
+def test_operations_that_mix_the_examples_are_refused_and_auto_gives_the_loop(operation):
+    """Deny by default: every one of these would give each example the others' updates."""
+    torch.manual_seed(0)
+    model = _MixedBy(_MIXING[operation]).double().eval()
+    images = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    order1 = LayerNormGradOrder1(model, model.conv)
+    with pytest.raises(ValueError, match="batch_mode='factored' cannot run this model"):
+        order1.attribute(images, target=[0, 1, 2], batch_mode="factored")
+    auto = order1.attribute(images, target=[0, 1, 2])
+    assert torch.equal(auto, order1.attribute(images, target=[0, 1, 2], batch_mode="loop"))
+
+
+def test_batch_first_flattening_by_size_runs_factored():
+    """``y.view(y.size(0), -1)`` keeps the examples apart: it runs, with the loop's maps."""
+    torch.manual_seed(0)
+    model = _MixedBy(lambda y: y.view(y.size(0), -1)).double().eval()
+    _same_maps(
+        LayerNormGradOrder1(model, model.conv),
+        torch.randn(3, 3, 6, 6, dtype=torch.float64),
+        target=[0, 1, 2],
+        eps=0.05,
+    )
