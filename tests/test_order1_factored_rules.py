@@ -41,7 +41,10 @@ def _moved_output(module: nn.Module, x: torch.Tensor, update: tuple, scale: floa
     return out[0]
 
 
-def _check_rule(module: nn.Module, inputs: torch.Tensor, new_inputs: torch.Tensor) -> None:
+def _check_rule(
+    module: nn.Module, inputs: torch.Tensor, new_inputs: torch.Tensor, route: str | None = None
+) -> None:
+    """``route``: force a convolution's ``"gram"`` or ``"formed"`` route (default: its choice)."""
     module = module.double()
     inputs, new_inputs = inputs.double(), new_inputs.double()
     with torch.no_grad():
@@ -49,6 +52,8 @@ def _check_rule(module: nn.Module, inputs: torch.Tensor, new_inputs: torch.Tenso
     factors = Factors(inputs, grads)
     scale = torch.tensor([0.3, -1.7, 2.0][: inputs.shape[0]], dtype=torch.float64)
     rule = rule_for(module)
+    if route is not None:
+        rule._strategy = lambda factors: (route == "gram", False)
     with torch.no_grad():
         shared = module(new_inputs)
         if rule.replaces(factors):
@@ -216,3 +221,22 @@ def test_chunks_are_at_most_the_limit_and_as_equal_as_can_be(examples, limit):
     assert chunks[-1][1] == examples
     assert max(sizes) <= limit and max(sizes) - min(sizes) <= 1
     assert len(chunks) == -(-examples // limit)  # no more chunks than the limit needs
+
+
+@pytest.mark.parametrize("route", ["gram", "formed"])
+@pytest.mark.parametrize(
+    "conv, shape",
+    [
+        (nn.Conv2d(5, 7, 1), (3, 5, 6, 7)),
+        (nn.Conv2d(5, 7, 1, stride=2, bias=False), (3, 5, 7, 6)),
+        (nn.Conv2d(5, 7, 1, stride=(2, 3), dilation=2), (3, 5, 9, 8)),
+        (nn.Conv1d(5, 7, 1, stride=2), (3, 5, 9)),
+    ],
+    ids=["1x1", "1x1-stride-2", "1x1-strides-2-3", "conv1d-1-stride-2"],
+)
+def test_pointwise_convolutions_run_as_matrix_products(conv, shape, route):
+    """A 1x1 kernel without padding or groups: each example's weights as one batched matrix
+    product (and its update formed by one), against autograd's update, by either route."""
+    torch.manual_seed(5)
+    assert rule_for(conv).pointwise
+    _check_rule(conv, torch.randn(shape), torch.randn(shape), route=route)
