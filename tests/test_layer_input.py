@@ -33,7 +33,7 @@ class Copy(nn.Module):
 
 
 class SharedInput(nn.Module):
-    """``x + relu(branch(x))``: the branch's input is also the skip connection.
+    """``2 x + relu(branch(x))``: the branch's input is also the skip connection.
 
     With ``with_edge`` the branch reads ``edge(x)``, the reference; with ``modify_after`` the model
     doubles ``x`` in place once the branch has run (``mul_`` needs no saved value, so autograd
