@@ -452,3 +452,38 @@ def test_batch_first_flattening_by_size_runs_factored():
         target=[0, 1, 2],
         eps=0.05,
     )
+
+
+@pytest.mark.parametrize(
+    "build, layer, at_input, hvp",
+    [
+        # depthwise and pointwise convolutions, ReLU6, inverted residuals
+        (
+            lambda: torchvision.models.mobilenet_v2(num_classes=3),
+            "features.9.conv.1",
+            True,
+            "exact",
+        ),
+        # bottlenecks: 1x1 convolutions as matrix products, a strided 1x1 downsample
+        (
+            lambda: torchvision.models.resnet50(num_classes=3),
+            "layer2.0",
+            False,
+            "finite_difference",
+        ),
+        (lambda: torchvision.models.resnet50(num_classes=3), "layer1.2.conv2", False, "exact"),
+    ],
+    ids=["mobilenet_v2-input-exact", "resnet50-fd", "resnet50-exact"],
+)
+def test_factored_equals_loop_on_torchvision_architectures(build, layer, at_input, hvp):
+    torch.manual_seed(4)
+    model = _randomised_batchnorm(build()).double().eval()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    _same_maps(
+        LayerNormGradAdversarial(model, model.get_submodule(layer)),
+        images,
+        target=[0, 2],
+        eps=0.01,
+        hvp=hvp,
+        attribute_to_layer_input=at_input,
+    )
