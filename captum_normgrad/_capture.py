@@ -31,6 +31,7 @@ __all__ = [
     "attach_gradients",
     "capture_layers",
     "check_each_ran_once",
+    "kept_value",
     "layer_name",
     "register_tap",
 ]
@@ -235,3 +236,9 @@ def register_tap(
         return tap(output)
 
     return layer.register_forward_hook(hook)
+
+
+def kept_value(value: Tensor, at_input: bool) -> Tensor:
+    """A tapped activation as order 1's passes keep it, out of the graph. An input is copied: the
+    model still holds that tensor and may change it in place after the layer ran."""
+    return value.detach().clone() if at_input else value.detach()

@@ -37,7 +37,12 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from captum_normgrad._capture import LayerRecord, check_each_ran_once, register_tap
+from captum_normgrad._capture import (
+    LayerRecord,
+    check_each_ran_once,
+    kept_value,
+    register_tap,
+)
 from captum_normgrad._order1_factors import Factors, ModuleRule, rule_for
 from captum_normgrad._order1_loop import second_derivative
 from captum_normgrad._order1_passes import ForwardCaller
@@ -218,8 +223,7 @@ class FactoredPasses:
             )
         if not state.tap_layers or record.calls > 1:
             return None
-        # An input is copied: the model may change it in place after the layer ran.
-        kept = value.detach().clone() if self.at_input else value.detach()
+        kept = kept_value(value, self.at_input)
         self.layer_values[index] = (kept, kept._version)
         zero = torch.zeros_like(value, requires_grad=True)
         self.layer_zeros[index] = zero

@@ -31,7 +31,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from captum_normgrad._capture import LayerRecord, check_each_ran_once, register_tap
+from captum_normgrad._capture import (
+    LayerRecord,
+    check_each_ran_once,
+    kept_value,
+    register_tap,
+)
 from captum_normgrad._order1_passes import ForwardCaller, Parameters, step_size
 
 __all__ = ["LoopPasses", "second_derivative"]
@@ -91,8 +96,7 @@ class _Taps:
             return None
         if self.records[index].calls > 1:  # refused by check_each_ran_once after the forward
             return None
-        # An input is copied: the model may change it in place after the layer ran.
-        self.activations[index] = value.detach().clone() if self.at_input else value.detach()
+        self.activations[index] = kept_value(value, self.at_input)
         self.zeros[index] = torch.zeros_like(value, requires_grad=True)
         return value + self.zeros[index]
 
