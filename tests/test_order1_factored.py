@@ -312,13 +312,17 @@ def test_forward_func_other_than_the_forward_is_refused():
         )
 
 
-def test_the_model_is_left_as_it_was():
+@pytest.mark.parametrize("hvp", ["finite_difference", "exact"])
+def test_the_model_is_left_as_it_was(hvp):
     model = _residual()
     parameters = {name: p for name, p in model.named_parameters()}
     saved = {name: t.clone() for name, t in model.state_dict().items()}
     flags = {name: p.requires_grad for name, p in parameters.items()}
     LayerNormGradOrder1(model, [model.grouped, model.head]).attribute(
-        torch.randn(3, 3, 12, 12, dtype=torch.float64), target=[0, 1, 2], batch_mode="factored"
+        torch.randn(3, 3, 12, 12, dtype=torch.float64),
+        target=[0, 1, 2],
+        batch_mode="factored",
+        hvp=hvp,
     )
     assert {name: p for name, p in model.named_parameters()} == parameters  # same objects
     for name, tensor in model.state_dict().items():
