@@ -409,9 +409,20 @@ class FactoredPasses:
         zeros_at_theta: Sequence[Tensor | None],
     ) -> list[Tensor]:
         """``H(theta) v`` at the layers exactly: ``d/dz <G, v>``, a backward through pass 1's
-        backward, from the factors of ``G`` (in the graph) and of ``v``."""
-        pairing = sum(self.rules[name].inner(first[name], direction[name]).sum() for name in first)
-        return second_derivative(pairing, list(zeros_at_theta))
+        backward. Per layer ``<G, v> = <g, c>``, ``c`` the output change ``v`` makes at pass 1's
+        input ``p``: the backward starts from ``c`` at the output gradient ``g`` and from ``g`` at
+        ``c`` (through ``p``, for the layers above ``z``), no product formed."""
+        gradients, directions = [], []
+        for name, factors in first.items():
+            change = self.rules[name].correction(
+                factors.inputs, factors.grads.shape, direction[name]
+            )
+            if change is None:
+                continue
+            change = change.expand(factors.grads.shape)
+            gradients += [factors.grads, change]
+            directions += [change, factors.grads]
+        return second_derivative(gradients, directions, list(zeros_at_theta))
 
 
 def layer_bytes_per_example(

@@ -68,28 +68,22 @@ class ModuleRule:
         self.module = module
 
     def correction(
-        self, new_input: Tensor, output_shape: torch.Size, factors: Factors, scale: Tensor
+        self,
+        new_input: Tensor,
+        output_shape: torch.Size,
+        factors: Factors,
+        scale: Tensor | None = None,
     ) -> Tensor | None:
         """``module(new_input; theta + s D) - module(new_input; theta)``, broadcastable to
-        ``output_shape``; None when no parameter of the module is trainable."""
+        ``output_shape`` (``s = 1`` without ``scale``); None when no parameter of the module is
+        trainable. Linear in ``D``, and differentiable in ``new_input``: paired with the output
+        gradient ``g`` of ``new_input``'s pass it is ``<G, D>`` (``sum_u <g_u, D p_u>``), which the
+        exact Hessian-vector product differentiates."""
         raise NotImplementedError
 
     def squared_norm(self, factors: Factors) -> Tensor:
         """``||D||^2`` over the module's trainable parameters, ``(B,)``."""
         raise NotImplementedError
-
-    def inner(self, gradient: Factors, update: Factors) -> Tensor:
-        """``<G_i, D_i>`` over the module's trainable parameters, ``(B,)``: the output gradient of
-        ``gradient``'s pass against the output change ``update`` makes at that pass's input
-        (``sum_u <g_u, D p_u> = <sum_u g_u p_u^T, D>``). Differentiable in ``gradient``'s
-        tensors: the exact Hessian-vector product differentiates it."""
-        scale = torch.ones(
-            gradient.grads.shape[0], dtype=torch.float64, device=gradient.grads.device
-        )
-        change = self.correction(gradient.inputs, gradient.grads.shape, update, scale)
-        if change is None:
-            return gradient.grads.new_zeros(gradient.grads.shape[0])
-        return (gradient.grads * change).reshape(gradient.grads.shape[0], -1).sum(dim=1)
 
     # Whether :meth:`twice_differentiable_output` replaces the module's own forward in pass 1 of
     # the exact Hessian-vector product, which keeps its backward in the graph.
@@ -176,24 +170,24 @@ class _MatrixRule(ModuleRule):
         return factors.cached("update", lambda: self._weight_update(factors))
 
     def correction(
-        self, new_input: Tensor, output_shape: torch.Size, factors: Factors, scale: Tensor
+        self,
+        new_input: Tensor,
+        output_shape: torch.Size,
+        factors: Factors,
+        scale: Tensor | None = None,
     ) -> Tensor | None:
         total = None
         if _trainable(self.weight):
             if self._uses_gram(factors):
                 gram = self._gram_matrix(new_input, factors.inputs)
                 blocks = torch.bmm(gram, self._grads(factors))
-                total = self._to_output(blocks * _rows_scaled(scale, blocks), output_shape)
+                total = self._to_output(_scaled(blocks, scale), output_shape)
             else:
                 update = self._update(factors)
-                total = self._apply_update(
-                    new_input, update * _rows_scaled(scale, update), output_shape
-                )
+                total = self._apply_update(new_input, _scaled(update, scale), output_shape)
         if _trainable(self.bias):
             bias_update = factors.cached("bias_update", lambda: self._bias_update(factors.grads))
-            bias_part = self._bias_to_output(
-                bias_update * _rows_scaled(scale, bias_update), output_shape
-            )
+            bias_part = self._bias_to_output(_scaled(bias_update, scale), output_shape)
             total = bias_part if total is None else total + bias_part
         return total
 
@@ -213,6 +207,11 @@ class _MatrixRule(ModuleRule):
             bias_update = factors.cached("bias_update", lambda: self._bias_update(factors.grads))
             total = total + bias_update.square().sum(dim=1)
         return total
+
+
+def _scaled(blocks: Tensor, scale: Tensor | None) -> Tensor:
+    """``blocks`` with each example's rows times its scale (as they are without one)."""
+    return blocks if scale is None else blocks * _rows_scaled(scale, blocks)
 
 
 def _rows_scaled(scale: Tensor, blocks: Tensor) -> Tensor:
@@ -572,12 +571,27 @@ class BatchNormRule(ModuleRule):
         slope = self.weight.detach().reshape(shape) / std
         return torch.addcmul(self.bias.detach().reshape(shape) - mean * slope, new_input, slope)
 
-    def inner(self, gradient: Factors, update: Factors) -> Tensor:
-        total = gradient.grads.new_zeros(gradient.grads.shape[0])
-        for mine, theirs in zip(self._updates(gradient), self._updates(update)):
-            if mine is not None:
-                total = total + (mine * theirs).sum(dim=1)
-        return total
+    def correction(
+        self,
+        new_input: Tensor,
+        output_shape: torch.Size,
+        factors: Factors,
+        scale: Tensor | None = None,
+    ) -> Tensor | None:
+        """``x_hat * s dgamma + s dbeta`` per example, as one affine map of ``new_input``."""
+        weight_update, bias_update = self._updates(factors)
+        if weight_update is None and bias_update is None:
+            return None
+        examples, channels = new_input.shape[:2]
+        mean, std = self._statistics(new_input.dim())
+        shape = (examples, channels, *[1] * (new_input.dim() - 2))
+        offset = torch.zeros((), dtype=new_input.dtype, device=new_input.device)
+        if bias_update is not None:
+            offset = _scaled(bias_update, scale).reshape(shape)
+        if weight_update is None:
+            return offset
+        slope = _scaled(weight_update, scale).reshape(shape) / std
+        return torch.addcmul(offset - mean * slope, new_input, slope)
 
     def squared_norm(self, factors: Factors) -> Tensor:
         total = factors.grads.new_zeros(factors.grads.shape[0])

@@ -114,16 +114,26 @@ class _Taps:
 
 
 def _gradients(
-    output: Tensor, inputs: Sequence[Tensor | None], *, create_graph: bool = False
+    output: Tensor | Sequence[Tensor],
+    inputs: Sequence[Tensor | None],
+    *,
+    cotangents: Sequence[Tensor] | None = None,
+    create_graph: bool = False,
 ) -> list[Tensor]:
-    """``d output / d inputs``; an input the output does not depend on gets a zero gradient (an
-    unused head's parameters; a layer whose path to the output the model cuts)."""
+    """``d output / d inputs``, or ``d <outputs, cotangents> / d inputs`` (the cotangents held
+    fixed); an input the output does not depend on gets a zero gradient (an unused head's
+    parameters; a layer whose path to the output the model cuts)."""
+    outputs = [output] if isinstance(output, Tensor) else list(output)
     used = [i for i, tensor in enumerate(inputs) if tensor is not None and tensor.requires_grad]
     found: tuple = ()
-    if used and output.requires_grad:
+    if used and any(t.requires_grad for t in outputs):
         try:
             found = torch.autograd.grad(
-                output, [inputs[i] for i in used], create_graph=create_graph, allow_unused=True
+                outputs,
+                [inputs[i] for i in used],
+                grad_outputs=cotangents,
+                create_graph=create_graph,
+                allow_unused=True,
             )
         except RuntimeError as error:
             if re.search(r"(?:not |in)compatible with \.grad\(\)", str(error)):
@@ -142,13 +152,18 @@ def _gradients(
     ]
 
 
-def second_derivative(pairing: Tensor | int, zeros: list[Tensor | None]) -> list[Tensor]:
-    """``d pairing / d zeros``, a backward through a backward: refused, naming the operation, where
-    PyTorch has no second derivative (``hardsigmoid`` in MobileNetV3)."""
-    if not isinstance(pairing, Tensor):  # no parameter gradient depends on anything
+def second_derivative(
+    gradients: Sequence[Tensor], directions: Sequence[Tensor], zeros: list[Tensor | None]
+) -> list[Tensor]:
+    """``d <gradients, directions> / d zeros``, the directions held fixed: a backward through the
+    backward that made ``gradients`` (kept in the graph), starting from ``directions`` as their
+    cotangents, so no product is formed. Refused, naming the operation, where PyTorch has no
+    second derivative (``hardsigmoid`` in MobileNetV3)."""
+    pairs = [(g, d) for g, d in zip(gradients, directions, strict=True) if g.requires_grad]
+    if not pairs:  # no parameter gradient depends on anything
         return [torch.zeros_like(z) for z in zeros]
     try:
-        return _gradients(pairing, zeros)
+        return _gradients([g for g, _ in pairs], zeros, cotangents=[d.detach() for _, d in pairs])
     except (RuntimeError, NotImplementedError) as error:
         missing = re.search(r"derivative for (\S+) is not implemented", str(error))
         if missing is None:
@@ -266,10 +281,8 @@ class LoopPasses:
             direction = dict(zip(names, found[: len(names)]))
             gradients = found[len(names) :]
             if exact_hvp:
-                pairing = sum(
-                    (f * direction[name]).sum() for name, f in zip(names, first) if f.requires_grad
-                )
-                hessian_terms = second_derivative(pairing, zeros_at_theta)
+                directions = [direction[name] for name in names]
+                hessian_terms = second_derivative(first, directions, zeros_at_theta)
             else:
                 del first
                 h = step_size(direction, h_scale)

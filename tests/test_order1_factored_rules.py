@@ -61,18 +61,22 @@ def _check_rule(
         else:
             got = shared + rule.correction(new_inputs, shared.shape, factors, scale)
         norms = rule.squared_norm(factors)
-    # <G_i, D_i> for a second pass's gradient G (the exact product differentiates this).
+        # Unscaled, the change is what the exact product pairs with a second pass's output
+        # gradient: <g, c> = <G_i, D_i> for that pass's gradient G.
+        change = rule.correction(new_inputs, shared.shape, factors).expand(shared.shape)
     new_grads = torch.randn_like(shared)
-    inner = rule.inner(Factors(new_inputs, new_grads), factors)
+    paired_by_change = (new_grads * change).flatten(1).sum(dim=1)
     updates = _per_example_update(module, inputs, grads)
     new_updates = _per_example_update(module, new_inputs, new_grads)
     for i, update in enumerate(updates):
         expected = _moved_output(module, new_inputs[i], update, float(scale[i]))
         torch.testing.assert_close(got[i], expected, rtol=1e-10, atol=1e-10)
+        unscaled = _moved_output(module, new_inputs[i], update, 1.0) - shared[i]
+        torch.testing.assert_close(change[i], unscaled, rtol=1e-10, atol=1e-10)
         squared = sum(d.square().sum() for d in update)
         torch.testing.assert_close(norms[i], squared, rtol=1e-10, atol=1e-12)
         paired = sum((d * e).sum() for d, e in zip(update, new_updates[i]))
-        torch.testing.assert_close(inner[i], paired, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(paired_by_change[i], paired, rtol=1e-10, atol=1e-12)
     if rule.rewrites_for_double_backward:
         # The same layer, and its derivatives to second order, by finite differences.
         with torch.no_grad():
@@ -158,8 +162,9 @@ def test_conv1d_rule():
     )
 
 
+@pytest.mark.parametrize("frozen", [None, "weight", "bias"])
 @pytest.mark.parametrize("dims", [2, 3, 4])
-def test_batchnorm_rule_in_evaluation_mode(dims):
+def test_batchnorm_rule_in_evaluation_mode(dims, frozen):
     torch.manual_seed(5)
     norm = (nn.BatchNorm1d if dims < 4 else nn.BatchNorm2d)(4).eval()
     norm.running_mean.uniform_(-1, 1)
@@ -167,6 +172,8 @@ def test_batchnorm_rule_in_evaluation_mode(dims):
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
         norm.bias.uniform_(-0.5, 0.5)
+    if frozen is not None:
+        getattr(norm, frozen).requires_grad_(False)
     shape = (3, 4, 6, 5)[:dims]
     _check_rule(norm, torch.randn(shape), torch.randn(shape))
 
