@@ -379,6 +379,7 @@ class FactoredPasses:
             hessian_terms = self._exact_hessian_terms(first, direction, zeros_at_theta)
             corrected = [g - learning_rate * hv for g, hv in zip(gradients, hessian_terms)]
             return activations, corrected
+        del first  # (passes 3 and 4 reuse its memory instead of growing the heap)
 
         # 3. and 4. theta +- h v, h = h_scale / ||v|| per example (h_scale for a zero direction).
         squared = sum(
