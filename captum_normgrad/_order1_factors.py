@@ -51,6 +51,12 @@ class Factors:
         """The same factors outside the autograd graph, with a derived cache of their own."""
         return Factors(self.inputs.detach(), self.grads.detach())
 
+    def released(self) -> Factors:
+        """The same factors once their rule has derived all it reads: the layer's input and
+        gradient become meta tensors, so their memory is free for the passes still to run while
+        their shapes still decide the rule's route (reading their values raises)."""
+        return Factors(self.inputs.to("meta"), self.grads.to("meta"), self.derived)
+
     def cached(self, key: str, compute: Callable[[], Tensor]) -> Tensor:
         if key not in self.derived:
             self.derived[key] = compute()
@@ -84,6 +90,11 @@ class ModuleRule:
     def squared_norm(self, factors: Factors) -> Tensor:
         """``||D||^2`` over the module's trainable parameters, ``(B,)``."""
         raise NotImplementedError
+
+    def reads_only_derived(self, factors: Factors) -> bool:
+        """Whether the layer at this update, once run, reads only what the rule derived from
+        ``factors`` (each example's update, formed), not the layer's input and gradient."""
+        return False
 
     # Whether :meth:`twice_differentiable_output` replaces the module's own forward in pass 1 of
     # the exact Hessian-vector product, which keeps its backward in the graph.
@@ -190,6 +201,9 @@ class _MatrixRule(ModuleRule):
             bias_part = self._bias_to_output(_scaled(bias_update, scale), output_shape)
             total = bias_part if total is None else total + bias_part
         return total
+
+    def reads_only_derived(self, factors: Factors) -> bool:
+        return not (_trainable(self.weight) and self._uses_gram(factors))
 
     def squared_norm(self, factors: Factors) -> Tensor:
         examples = factors.grads.shape[0]
@@ -546,6 +560,9 @@ class BatchNormRule(ModuleRule):
         return factors.derived["updates"]
 
     def replaces(self, factors: Factors) -> bool:
+        return True
+
+    def reads_only_derived(self, factors: Factors) -> bool:
         return True
 
     def output_at(self, new_input: Tensor, factors: Factors, scale: Tensor) -> Tensor:

@@ -185,6 +185,49 @@ def test_frozen_weight_with_trainable_bias_moves_only_the_bias():
     _check_rule(conv, torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6))
 
 
+@pytest.mark.parametrize(
+    "module, shape",
+    [
+        (nn.Conv2d(3, 4, 3, padding=1), (2, 3, 7, 7)),  # formed: a 3x3 convolution, large input
+        (nn.Conv2d(16, 32, 1), (2, 16, 30, 30)),  # formed: pointwise
+        (nn.Linear(5, 6), (2, 40, 5)),  # formed: many tokens
+        (nn.BatchNorm2d(3).eval(), (2, 3, 5, 5)),
+    ],
+)
+def test_released_factors_run_the_layer_from_what_was_formed(module, shape):
+    """The finite difference frees a layer's input and gradient once its update is formed; the
+    layer at the update must not change, and the route must still be known from the shapes."""
+    torch.manual_seed(7)
+    module = module.double()
+    inputs, new_inputs = torch.randn(shape).double(), torch.randn(shape).double()
+    with torch.no_grad():
+        factors = Factors(inputs, torch.randn_like(module(inputs)))
+        rule = rule_for(module)
+        scale = torch.tensor([0.5, -2.0], dtype=torch.float64)
+        assert rule.reads_only_derived(factors)
+        rule.squared_norm(factors)  # forms and caches the update, as before passes 3 and 4
+        released = factors.released()
+        assert released.inputs.is_meta and released.grads.is_meta
+        assert rule.replaces(released) == rule.replaces(factors)
+        if rule.replaces(factors):
+            before = rule.output_at(new_inputs, factors, scale)
+            after = rule.output_at(new_inputs, released, scale)
+        else:
+            shared = module(new_inputs)
+            before = rule.correction(new_inputs, shared.shape, factors, scale)
+            after = rule.correction(new_inputs, shared.shape, released, scale)
+    assert not after.is_meta
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_a_layer_on_the_gram_route_keeps_its_factors():
+    conv = nn.Conv2d(64, 64, 3, padding=1)  # deep and small: the Gram matrix is cheaper
+    factors = Factors(torch.randn(2, 64, 4, 4), torch.randn(2, 64, 4, 4))
+    rule = rule_for(conv)
+    assert rule._uses_gram(factors)
+    assert not rule.reads_only_derived(factors)
+
+
 def test_layer_bytes_per_example_counts_inputs_and_outputs_of_trainable_layers():
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 25, 2)
