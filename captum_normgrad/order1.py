@@ -245,7 +245,7 @@ class LayerNormGradOrder1(LayerNormGrad):
                 checkpointing). ``"auto"``, on CPU with a cross-entropy loss, takes the factored
                 passes where they run and the layers hold at most 192 MB per example (measured
                 faster than the loop from ResNet-18 at 160x160, 2x, to ResNet-50 at 224x224,
-                1.2x, for more memory: 1.6 GB there against the loop's 0.45 GB), else the loop;
+                1.3x, for more memory: 1.3 GB there against the loop's 0.47 GB), else the loop;
                 on CUDA, vmap with a cross-entropy loss, else the loop. See the README's measured
                 cost.
             chunk_size: examples per factored chunk or vmapped call; default: about 768 MB of
