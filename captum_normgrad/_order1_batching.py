@@ -26,6 +26,7 @@ __all__ = [
     "PARAMETER_COPIES_PER_EXAMPLE",
     "Batch",
     "BatchMode",
+    "balanced_chunks",
     "choose_batch_mode",
     "is_per_example",
     "run_vmapped",
@@ -143,6 +144,15 @@ def choose_batch_mode(
     return "vmap", chunk_size
 
 
+def balanced_chunks(num_examples: int, chunk_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of chunks of at most ``chunk_size`` examples, as equal as they can be: 4
+    examples in chunks of at most 3 run as 2 + 2, not 3 + 1, since a chunk of one costs nearly what
+    a full one does (ResNet-50, 224x224, 4 examples: 2 + 2 took 0.8-0.9x the time of 3 + 1)."""
+    count = -(-num_examples // chunk_size)
+    bounds = [num_examples * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def _vmapped(
     loss_fn: ExampleLoss,
     theta: Parameters,
@@ -164,9 +174,8 @@ def _vmapped(
         return example_terms(loss_fn, theta, zeros, example, **settings)
 
     activations, corrected = [], []
-    for start in range(0, num_examples, chunk_size):
-        chunk = slice(start, start + chunk_size)
-        size = len(range(num_examples)[chunk])
+    for start, stop in balanced_chunks(num_examples, chunk_size):
+        chunk, size = slice(start, stop), stop - start
         example = {
             # Each vmapped example keeps a batch dimension of 1, as the model expects.
             "inputs": tuple(x[chunk].unsqueeze(1) for x in batch.inputs),

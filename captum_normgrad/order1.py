@@ -55,6 +55,7 @@ from captum_normgrad._order1_batching import (
     FACTORED_EXAMPLE_BYTES,
     Batch,
     BatchMode,
+    balanced_chunks,
     choose_batch_mode,
     run_vmapped,
     target_of_example,
@@ -542,7 +543,7 @@ class LayerNormGradOrder1(LayerNormGrad):
 
         activations, corrected = [], []
         with passes.hooks():
-            for start, stop in _balanced_chunks(num_examples, chunk_size):
+            for start, stop in balanced_chunks(num_examples, chunk_size):
                 chunk_activations, chunk_corrected = passes.chunk_terms(
                     _sliced(inputs, args, per_example, start, stop),
                     resolve(start, stop),
@@ -664,15 +665,6 @@ class LayerNormGradOrder1(LayerNormGrad):
             record.activation = record.activation.detach()
             record.gradient = torch.zeros_like(record.activation)
         return records
-
-
-def _balanced_chunks(num_examples: int, chunk_size: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` of chunks of at most ``chunk_size`` examples, as equal as they can be: 4
-    examples in chunks of at most 3 run as 2 + 2, not 3 + 1, since a chunk of one costs nearly what
-    a full one does (ResNet-50, 224x224, 4 examples: 2 + 2 took 0.8-0.9x the time of 3 + 1)."""
-    count = -(-num_examples // chunk_size)
-    bounds = [num_examples * i // count for i in range(count + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _sliced(

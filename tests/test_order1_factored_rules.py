@@ -16,7 +16,6 @@ from captum_normgrad import LayerNormGradOrder1
 from captum_normgrad._order1_factored import layer_bytes_per_example
 from captum_normgrad._order1_factors import Factors, rule_for
 from captum_normgrad._order1_passes import ForwardCaller
-from captum_normgrad.order1 import _balanced_chunks
 
 
 def _per_example_update(module: nn.Module, inputs: torch.Tensor, grads: torch.Tensor) -> list:
@@ -265,7 +264,7 @@ def test_auto_takes_the_loop_where_layers_are_large_per_example(monkeypatch):
 
 @pytest.mark.parametrize("examples, limit", [(4, 3), (5, 2), (16, 3), (7, 7), (3, 8), (1, 1)])
 def test_chunks_are_at_most_the_limit_and_as_equal_as_can_be(examples, limit):
-    chunks = _balanced_chunks(examples, limit)
+    chunks = batching.balanced_chunks(examples, limit)
     sizes = [stop - start for start, stop in chunks]
     assert [start for start, _ in chunks] == [0, *[stop for _, stop in chunks[:-1]]]
     assert chunks[-1][1] == examples
