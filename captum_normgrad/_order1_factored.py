@@ -288,7 +288,8 @@ class FactoredPasses:
             if gradient is None:
                 gradient = torch.zeros(output.shape, dtype=output.dtype, device=output.device)
             factors[name] = Factors(inputs, gradient)
-        self.module_outputs, self.module_grads, self.root_zeros = {}, {}, {}
+        self.module_inputs, self.module_outputs, self.module_grads = {}, {}, {}
+        self.root_zeros = {}
         return factors
 
     def _grad(
@@ -423,11 +424,12 @@ class FactoredPasses:
         """``H(theta) v`` at the layers exactly: ``d/dz <G, v>``, a backward through pass 1's
         backward. Per layer ``<G, v> = <g, c>``, ``c`` the output change ``v`` makes at pass 1's
         input ``p``: the backward starts from ``c`` at the output gradient ``g`` and from ``g`` at
-        ``c`` (through ``p``, for the layers above ``z``), no product formed."""
+        ``c`` (through ``p``, for the layers above ``z``), no product formed. Consumes ``direction``."""
         gradients, directions = [], []
         for name, factors in first.items():
+            # (popped: the change's graph keeps what it needs of the direction; the rest is freed)
             change = self.rules[name].correction(
-                factors.inputs, factors.grads.shape, direction[name]
+                factors.inputs, factors.grads.shape, direction.pop(name)
             )
             if change is None:
                 continue

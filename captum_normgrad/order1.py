@@ -250,8 +250,7 @@ class LayerNormGradOrder1(LayerNormGrad):
                 on CUDA, vmap with a cross-entropy loss, else the loop. See the README's measured
                 cost.
             chunk_size: examples per factored chunk or vmapped call; default: about 768 MB of
-                layer inputs and outputs per factored chunk (half that with ``hvp="exact"``,
-                which keeps pass 1's graph); for vmap, as many as fit in half the
+                layer inputs and outputs per factored chunk; for vmap, as many as fit in half the
                 free CUDA memory (a quarter of the available RAM on CPU).
 
         Returns:
@@ -367,7 +366,7 @@ class LayerNormGradOrder1(LayerNormGrad):
             )
         if cannot_factor is None:
             chunk_size, cannot_factor = self._factored_chunk(
-                caller, inputs, args, chunk_size, batch_mode, exact_hvp
+                caller, inputs, args, chunk_size, batch_mode
             )
         mode, chunk = choose_batch_mode(
             "factored" if batch_mode == "auto" and cannot_factor is None else batch_mode,
@@ -471,7 +470,6 @@ class LayerNormGradOrder1(LayerNormGrad):
         args: tuple,
         chunk_size: int | None,
         batch_mode: BatchMode,
-        exact_hvp: bool,
     ) -> tuple[int | None, str | None]:
         """Examples per factored chunk (the user's ``chunk_size`` if given), and, under ``"auto"``,
         why the loop is the better choice (layers too large per example), from the layer sizes of
@@ -492,11 +490,11 @@ class LayerNormGradOrder1(LayerNormGrad):
                     f"its layers hold {per_example >> 20} MB per example, where the loop is faster"
                 )
         if chunk_size is None and per_example:
-            # The exact product keeps pass 1's forward and backward until its double backward:
-            # about twice the memory per example (ResNet-50 at 224x224, batch 4: chunks of 2
-            # took 0.75-0.85x the time of one chunk of 4).
-            budget = FACTORED_CHUNK_BYTES // (2 if exact_hvp else 1)
-            chunk_size = max(1, budget // per_example)
+            # One budget for both products: the exact one keeps pass 1's graph but frees the
+            # direction's factors as it goes. ResNet-50 at 224x224: its chunks of 4 took 0.95x
+            # the time of chunks of 2 (batch 4 and 16); MobileNetV2, batch 8: 4 + 4 took 0.96x
+            # the time of 3 + 3 + 2.
+            chunk_size = max(1, FACTORED_CHUNK_BYTES // per_example)
         return chunk_size, None
 
     def _check_layouts(self, activations: Sequence[Tensor], at_input: bool) -> None:
