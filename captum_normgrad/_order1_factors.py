@@ -565,28 +565,32 @@ class BatchNormRule(ModuleRule):
     def reads_only_derived(self, factors: Factors) -> bool:
         return True
 
+    def _affine(self, new_input: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+        """``x_hat * gamma + beta`` as one ``addcmul`` on ``new_input`` (``x_hat`` from the running
+        statistics), ``gamma`` and ``beta`` per channel, ``(C,)``, or per example, ``(B, C)``."""
+        mean, std = self._statistics(new_input.dim())
+
+        def per_channel(values: Tensor) -> Tensor:
+            rows = values.shape[0] if values.dim() == 2 else 1
+            return values.reshape(rows, *mean.shape[1:])
+
+        slope = per_channel(gamma) / std
+        return torch.addcmul(per_channel(beta) - mean * slope, new_input, slope)
+
     def output_at(self, new_input: Tensor, factors: Factors, scale: Tensor) -> Tensor:
         weight_update, bias_update = self._updates(factors)
-        examples, channels = new_input.shape[:2]
-        gamma = self.weight.detach().expand(examples, channels)
-        beta = self.bias.detach().expand(examples, channels)
+        gamma, beta = self.weight.detach(), self.bias.detach()
         if weight_update is not None:
             gamma = torch.addcmul(gamma, weight_update, _rows_scaled(scale, weight_update))
         if bias_update is not None:
             beta = torch.addcmul(beta, bias_update, _rows_scaled(scale, bias_update))
-        mean, std = self._statistics(new_input.dim())
-        shape = (examples, channels, *[1] * (new_input.dim() - 2))
-        slope = gamma.reshape(shape) / std
-        return torch.addcmul(beta.reshape(shape) - mean * slope, new_input, slope)
+        return self._affine(new_input, gamma, beta)
 
     rewrites_for_double_backward = True
 
     def twice_differentiable_output(self, new_input: Tensor) -> Tensor:
         """The affine map itself: autograd's batch-norm double backward is far costlier."""
-        mean, std = self._statistics(new_input.dim())
-        shape = mean.shape
-        slope = self.weight.detach().reshape(shape) / std
-        return torch.addcmul(self.bias.detach().reshape(shape) - mean * slope, new_input, slope)
+        return self._affine(new_input, self.weight.detach(), self.bias.detach())
 
     def correction(
         self,
@@ -595,20 +599,15 @@ class BatchNormRule(ModuleRule):
         factors: Factors,
         scale: Tensor | None = None,
     ) -> Tensor | None:
-        """``x_hat * s dgamma + s dbeta`` per example, as one affine map of ``new_input``."""
+        """``x_hat * s dgamma + s dbeta`` per example."""
         weight_update, bias_update = self._updates(factors)
-        if weight_update is None and bias_update is None:
-            return None
-        examples, channels = new_input.shape[:2]
-        mean, std = self._statistics(new_input.dim())
-        shape = (examples, channels, *[1] * (new_input.dim() - 2))
-        offset = torch.zeros((), dtype=new_input.dtype, device=new_input.device)
-        if bias_update is not None:
-            offset = _scaled(bias_update, scale).reshape(shape)
         if weight_update is None:
-            return offset
-        slope = _scaled(weight_update, scale).reshape(shape) / std
-        return torch.addcmul(offset - mean * slope, new_input, slope)
+            if bias_update is None:
+                return None
+            spatial = [1] * (len(output_shape) - 2)
+            return _scaled(bias_update, scale).reshape(*bias_update.shape, *spatial)
+        bias = torch.zeros_like(weight_update) if bias_update is None else bias_update
+        return self._affine(new_input, _scaled(weight_update, scale), _scaled(bias, scale))
 
     def squared_norm(self, factors: Factors) -> Tensor:
         total = factors.grads.new_zeros(factors.grads.shape[0])
