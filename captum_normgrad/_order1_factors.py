@@ -606,8 +606,11 @@ class BatchNormRule(ModuleRule):
                 return None
             spatial = [1] * (len(output_shape) - 2)
             return _scaled(bias_update, scale).reshape(*bias_update.shape, *spatial)
-        bias = torch.zeros_like(weight_update) if bias_update is None else bias_update
-        return self._affine(new_input, _scaled(weight_update, scale), _scaled(bias, scale))
+        if bias_update is None:
+            beta = torch.zeros_like(weight_update)
+        else:
+            beta = _scaled(bias_update, scale)
+        return self._affine(new_input, _scaled(weight_update, scale), beta)
 
     def squared_norm(self, factors: Factors) -> Tensor:
         total = factors.grads.new_zeros(factors.grads.shape[0])
