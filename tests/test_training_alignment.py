@@ -44,7 +44,6 @@ def test_zero_gradients_have_no_direction():
         gradient_alignment(torch.zeros(2, 3), torch.zeros(2, 4))
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # Captum's notes on its own hooks
 @pytest.mark.parametrize("inplace", [False, True])
 def test_gradients_equal_independent_references(inplace):
     model = tiny_cnn(inplace)

@@ -39,7 +39,6 @@ def test_hand_checked_guided_and_plain_gradients():
     assert torch.equal(guided, torch.tensor([[1.0, 0.0]], dtype=torch.float64))
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # Captum's notes on its own hooks
 @pytest.mark.parametrize("inplace", [False, True])
 def test_guided_gradient_equals_captum_guided_backprop(inplace):
     model = nn.Sequential(

@@ -53,7 +53,6 @@ def test_grad_cam_equals_captum(inplace):
     assert forward.maps.requires_grad
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # Captum's notes on its own hooks
 def test_guided_grad_cam_equals_captum():
     model = tiny_cnn()
     images, labels = tiny_batch()
