@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from captum_normgrad._capture import (
+from captum_normgrad._core.capture import (
     LayerRecord,
     check_each_ran_once,
     kept_value,

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from captum_normgrad._core.pause import is_ignored_while_paused
 from captum_normgrad._order1_factors import RULES
 
 __all__ = ["factored_refusal"]
@@ -239,14 +240,9 @@ def _module_refusal(name: str, module: nn.Module) -> str | None:
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             return f"convolution '{name}' pads with {module.padding!r} / {module.padding_mode!r}"
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-    if module._backward_hooks or not all(map(_paused_monitor_hook, hooks)):
+    if module._backward_hooks or not all(map(is_ignored_while_paused, hooks)):
         return f"module '{name}' has hooks of its own"
     return None
-
-
-def _paused_monitor_hook(hook: Callable) -> bool:
-    """A NormGradMonitor's hooks do nothing during order 1 (which pauses every monitor)."""
-    return getattr(hook, "__qualname__", "").startswith("NormGradMonitor.")
 
 
 def factored_refusal(model: nn.Module, forward_func: Callable) -> str | None:

@@ -35,21 +35,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from captum_normgrad._captum import (
+from captum_normgrad._core.captum import (
     TargetType,
     format_additional_forward_args,
     format_inputs,
     log_usage,
     run_forward,
 )
-from captum_normgrad._capture import (
+from captum_normgrad._core.capture import (
     LayerRecord,
     capture_layers,
     check_each_ran_once,
     layer_name,
 )
-from captum_normgrad._layouts import ReshapeTransform
-from captum_normgrad._model_state import models_behind, preserved_buffers
+from captum_normgrad._core.layouts import ReshapeTransform
+from captum_normgrad._core.model_state import models_behind, preserved_buffers
+from captum_normgrad._core.pause import monitor_paused
 from captum_normgrad._order1_batching import (
     FACTORED_CHUNK_BYTES,
     FACTORED_EXAMPLE_BYTES,
@@ -71,7 +72,6 @@ from captum_normgrad._order1_passes import PER_EXAMPLE, ExampleLoss, ForwardCall
 from captum_normgrad._order1_traced import factored_refusal
 from captum_normgrad.losses import LossSpec, class_labels, per_example_loss
 from captum_normgrad.normgrad import LayerNormGrad, check_finite_inputs
-from captum_normgrad.training.monitor import monitor_paused
 
 __all__ = ["LayerNormGradAdversarial", "LayerNormGradOrder1"]
 

@@ -20,7 +20,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from captum_normgrad._model_state import preserved_buffers
+from captum_normgrad._core.methods import (
+    Method,
+    call_method,
+    declared_layers,
+    method_layer_names,
+)
+from captum_normgrad._core.model_state import preserved_buffers
 from captum_normgrad.evaluation.dataset import EvaluationDataset, Example, read_image
 from captum_normgrad.evaluation.distributed import barrier, process_group, shard
 from captum_normgrad.evaluation.preprocess import Preprocessing, maps_at_original_size
@@ -37,12 +43,6 @@ from captum_normgrad.metrics import (
     deletion_curve,
     insertion_curve,
     localization_iou,
-)
-from captum_normgrad.metrics._methods import (
-    Method,
-    call_method,
-    declared_layers,
-    method_layer_names,
 )
 from captum_normgrad.metrics._scores import Score
 
