@@ -6,7 +6,7 @@ what the per-example loop gives only if:
 
 - no operation mixes the examples of the batch (BatchNorm in training mode, a mean over dim 0);
 - every trainable parameter is used by its own module's forward, once per pass, and that module is
-  one the factored rules know (:data:`captum_normgrad._order1_factors.RULES`);
+  one the factored rules know (:data:`captum_normgrad._order1.factored.rules.RULES`);
 - no hook the user registered changes what runs.
 
 ``torch.fx.symbolic_trace`` gives the model's operations; each must be on an allowlist of
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from captum_normgrad._core.pause import is_ignored_while_paused
-from captum_normgrad._order1_factors import RULES
+from captum_normgrad._order1.factored.rules import RULES
 
 __all__ = ["factored_refusal"]
 
