@@ -14,7 +14,8 @@ from torch import nn
 import captum_normgrad._order1.plan as plan
 from captum_normgrad import LayerNormGradOrder1
 from captum_normgrad._order1.autograd import ForwardCaller
-from captum_normgrad._order1.factored.rules import Factors, rule_for
+from captum_normgrad._order1.factored.rules import rule_for
+from captum_normgrad._order1.factored.rules.base import Factors
 from captum_normgrad._order1.plan import layer_bytes_per_example
 
 

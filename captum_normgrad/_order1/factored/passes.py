@@ -44,7 +44,8 @@ from captum_normgrad._core.capture import (
     register_tap,
 )
 from captum_normgrad._order1.autograd import ForwardCaller, second_derivative
-from captum_normgrad._order1.factored.rules import Factors, ModuleRule, rule_for
+from captum_normgrad._order1.factored.rules import rule_for
+from captum_normgrad._order1.factored.rules.base import Factors, ModuleRule
 
 __all__ = ["FactoredPasses", "FactoredUnsupported", "trainable_modules"]
 
