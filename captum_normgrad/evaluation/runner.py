@@ -27,6 +27,7 @@ from captum_normgrad._core.methods import (
     method_layer_names,
 )
 from captum_normgrad._core.model_state import preserved_buffers
+from captum_normgrad._core.scores import Score
 from captum_normgrad.evaluation.dataset import EvaluationDataset, Example, read_image
 from captum_normgrad.evaluation.distributed import barrier, process_group, shard
 from captum_normgrad.evaluation.preprocess import Preprocessing, maps_at_original_size
@@ -44,7 +45,6 @@ from captum_normgrad.metrics import (
     insertion_curve,
     localization_iou,
 )
-from captum_normgrad.metrics._scores import Score
 
 __all__ = ["DATASET_METRICS", "evaluate_dataset"]
 
