@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_normgrad._asset_names import EFFICIENTNET_LITE0_LAYERS, SAMPLE_PHOTOS
+from captum_normgrad._core.asset_names import EFFICIENTNET_LITE0_LAYERS, SAMPLE_PHOTOS
 
 __all__ = [
     "COMPOSITE_PAIRS",

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from captum_normgrad._captum import TargetType, select_targets
+from captum_normgrad._core.captum import TargetType, select_targets
 
 __all__ = ["LossSpec", "check_target_form", "class_labels", "per_example_loss"]
 

@@ -19,21 +19,21 @@ import torch
 from captum.attr import GradientAttribution, LayerAttribution
 from torch import Tensor, nn
 
-from captum_normgrad._captum import (
+from captum_normgrad._core.captum import (
     TargetType,
     format_additional_forward_args,
     format_inputs,
     log_usage,
     run_forward,
 )
-from captum_normgrad._capture import (
+from captum_normgrad._core.capture import (
     LayerRecord,
     attach_gradients,
     capture_layers,
     check_each_ran_once,
 )
-from captum_normgrad._layouts import ReshapeTransform, resolve_layouts
-from captum_normgrad._model_state import models_behind, preserved_buffers
+from captum_normgrad._core.layouts import ReshapeTransform, resolve_layouts
+from captum_normgrad._core.model_state import models_behind, preserved_buffers
 from captum_normgrad.losses import LossSpec, per_example_loss
 
 __all__ = ["LayerNormGrad", "LayerNormGradSelective", "channel_norm"]

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_normgrad._captum import TargetType, log_usage
-from captum_normgrad._capture import LayerRecord
+from captum_normgrad._core.captum import TargetType, log_usage
+from captum_normgrad._core.capture import LayerRecord
 from captum_normgrad.losses import LossSpec
 from captum_normgrad.normgrad import LayerNormGrad
 

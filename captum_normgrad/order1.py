@@ -25,53 +25,64 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
 from numbers import Real
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from captum_normgrad._captum import (
+from captum_normgrad._core.captum import (
     TargetType,
     format_additional_forward_args,
     format_inputs,
     log_usage,
     run_forward,
 )
-from captum_normgrad._capture import (
+from captum_normgrad._core.capture import (
     LayerRecord,
     capture_layers,
     check_each_ran_once,
     layer_name,
 )
-from captum_normgrad._layouts import ReshapeTransform
-from captum_normgrad._model_state import models_behind, preserved_buffers
-from captum_normgrad._order1_batching import (
+from captum_normgrad._core.layouts import ReshapeTransform
+from captum_normgrad._core.model_state import models_behind, preserved_buffers
+from captum_normgrad._core.pause import monitor_paused
+from captum_normgrad._order1.autograd import ForwardCaller, differentiable_attention
+from captum_normgrad._order1.examples import (
+    concatenated,
+    is_per_example,
+    one_example_at_a_time,
+    slice_examples,
+    target_of_chunk,
+    target_of_example,
+)
+from captum_normgrad._order1.factored.passes import (
+    FactoredPasses,
+    FactoredUnsupported,
+    trainable_modules,
+)
+from captum_normgrad._order1.factored.tracing import factored_refusal
+from captum_normgrad._order1.loop import LoopPasses
+from captum_normgrad._order1.plan import (
     FACTORED_CHUNK_BYTES,
     FACTORED_EXAMPLE_BYTES,
-    Batch,
     BatchMode,
     balanced_chunks,
     choose_batch_mode,
-    run_vmapped,
-    target_of_example,
-)
-from captum_normgrad._order1_batching import is_per_example as _is_per_example
-from captum_normgrad._order1_factored import (
-    FactoredPasses,
-    FactoredUnsupported,
     layer_bytes_per_example,
 )
-from captum_normgrad._order1_loop import LoopPasses
-from captum_normgrad._order1_passes import PER_EXAMPLE, ExampleLoss, ForwardCaller
-from captum_normgrad._order1_traced import factored_refusal
+from captum_normgrad._order1.vmap import (
+    PER_EXAMPLE,
+    Batch,
+    ExampleLoss,
+    beyond_torch_func,
+    full_backward_hook_owner,
+    run_vmapped,
+)
 from captum_normgrad.losses import LossSpec, class_labels, per_example_loss
 from captum_normgrad.normgrad import LayerNormGrad, check_finite_inputs
-from captum_normgrad.training.monitor import monitor_paused
 
 __all__ = ["LayerNormGradAdversarial", "LayerNormGradOrder1"]
 
@@ -149,7 +160,7 @@ class LayerNormGradOrder1(LayerNormGrad):
     temporarily; the inner passes update only copies of its buffers (BatchNorm in train mode).
 
     The passes run one example at a time with plain autograd (``batch_mode="loop"``, see
-    :mod:`captum_normgrad._order1_loop`), so full backward hooks and non-reentrant activation
+    :mod:`captum_normgrad._order1.loop`), so full backward hooks and non-reentrant activation
     checkpointing work: the maps equal those of the same model without them. The user's full
     backward hooks fire in each backward pass that crosses their module (up to 4 per example).
     Reentrant checkpointing (``use_reentrant=True``) is refused, naming the layer when it is inside
@@ -237,7 +248,7 @@ class LayerNormGradOrder1(LayerNormGrad):
             batch_mode: ``"loop"`` runs the passes on one example at a time with plain autograd
                 (least memory, every model autograd runs). ``"factored"`` runs each pass ONCE for a
                 chunk of examples at the shared parameters, each example's own parameter update
-                added layer by layer from its factors (:mod:`captum_normgrad._order1_factored`;
+                added layer by layer from its factors (:mod:`captum_normgrad._order1.factored.passes`;
                 the same maps up to rounding); it runs models made of convolutions, linear
                 layers, BatchNorm in evaluation mode and operations that keep the examples apart
                 (checked on the model's ``torch.fx`` graph; anything else is refused with the
@@ -357,7 +368,7 @@ class LayerNormGradOrder1(LayerNormGrad):
         _check_deterministic(self.model)
         if num_examples == 0:
             return self._empty_records(inputs, target, args, attribute_to_layer_input, loss)
-        hooked = _full_backward_hook_owner(self.model)
+        hooked = full_backward_hook_owner(self.model)
         cannot_factor = self._factored_refusal(batch_mode, loss, inputs[0].device)
         if batch_mode == "factored" and cannot_factor is not None:
             raise ValueError(
@@ -383,11 +394,11 @@ class LayerNormGradOrder1(LayerNormGrad):
         with (
             # A forward that rebinds its buffers (self.ema = ...) is undone, as for order 0.
             preserved_buffers([self.model]),
-            _one_example_at_a_time(self.model),
+            one_example_at_a_time(self.model),
             monitor_paused(),
             torch.enable_grad(),
             # The fused attention kernels have no vmap rule and no second derivative.
-            _differentiable_attention(exact_hvp or mode == "vmap"),
+            differentiable_attention(exact_hvp or mode == "vmap"),
         ):
             if mode == "factored":
                 try:
@@ -430,7 +441,7 @@ class LayerNormGradOrder1(LayerNormGrad):
                         "hvp='finite_difference' (the paper's)"
                     ) from error
                 except RuntimeError as error:
-                    if not _beyond_torch_func(error):
+                    if not beyond_torch_func(error):
                         raise
                     if batch_mode == "vmap":
                         raise ValueError(
@@ -477,11 +488,11 @@ class LayerNormGradOrder1(LayerNormGrad):
         num_examples = inputs[0].shape[0]
         one = (
             *(x[:1] for x in inputs),
-            *(a[:1] if _is_per_example(a, num_examples) else a for a in args),
+            *(a[:1] if is_per_example(a, num_examples) else a for a in args),
         )
         key = (tuple((x.shape[1:], x.dtype) for x in inputs), tuple(map(id, self.model.modules())))
         if key not in self._layer_bytes:
-            modules = _trainable_modules(self.model)
+            modules = trainable_modules(self.model)
             self._layer_bytes[key] = layer_bytes_per_example(caller, modules, one)
         per_example = self._layer_bytes[key]
         if batch_mode == "auto" and per_example is not None:
@@ -520,19 +531,19 @@ class LayerNormGradOrder1(LayerNormGrad):
         records = [LayerRecord(layer, layer_name(self.model, layer)) for layer in self.layers]
         passes = FactoredPasses(
             caller,
-            _trainable_modules(self.model),
+            trainable_modules(self.model),
             records=records,
             at_input=attribute_to_layer_input,
             loss=_cross_entropy if loss == "cross_entropy" else _callable_loss(loss),
         )
-        per_example = [_is_per_example(a, num_examples) for a in args]
+        per_example = [is_per_example(a, num_examples) for a in args]
 
         def resolve(start: int, stop: int) -> Callable[[Tensor], object]:
             def resolve_target(outputs: Tensor) -> object:
                 if start == 0:  # the batch's target checked once, before any backward
                     batch_outputs = outputs[:1].expand(num_examples, *outputs.shape[1:])
                     per_example_loss(batch_outputs, target, loss)
-                chunk_target = _chunk_of(target, start, stop, num_examples)
+                chunk_target = target_of_chunk(target, start, stop, num_examples)
                 if loss != "cross_entropy":
                     return chunk_target
                 return class_labels(outputs, chunk_target)
@@ -543,7 +554,7 @@ class LayerNormGradOrder1(LayerNormGrad):
         with passes.hooks():
             for start, stop in balanced_chunks(num_examples, chunk_size):
                 chunk_activations, chunk_corrected = passes.chunk_terms(
-                    _sliced(inputs, args, per_example, start, stop),
+                    slice_examples(inputs, args, per_example, start, stop),
                     resolve(start, stop),
                     **settings,
                 )
@@ -551,7 +562,7 @@ class LayerNormGradOrder1(LayerNormGrad):
                 corrected.append(chunk_corrected)
                 if start == 0:
                     self._check_layouts(chunk_activations, attribute_to_layer_input)
-        return _concatenated(records, activations, corrected)
+        return concatenated(records, activations, corrected)
 
     def _loop_records(
         self,
@@ -577,7 +588,7 @@ class LayerNormGradOrder1(LayerNormGrad):
             at_input=attribute_to_layer_input,
             loss=_cross_entropy if loss == "cross_entropy" else _callable_loss(loss),
         )
-        per_example = [_is_per_example(a, num_examples) for a in args]
+        per_example = [is_per_example(a, num_examples) for a in args]
         labels: list[Tensor | None] = [None]
 
         def resolve(index: int) -> Callable[[Tensor], object]:
@@ -599,7 +610,7 @@ class LayerNormGradOrder1(LayerNormGrad):
         with passes.hooks():
             for index in range(num_examples):
                 example_activations, example_corrected = passes.example_terms(
-                    _sliced(inputs, args, per_example, index, index + 1),
+                    slice_examples(inputs, args, per_example, index, index + 1),
                     resolve(index),
                     **settings,
                 )
@@ -607,7 +618,7 @@ class LayerNormGradOrder1(LayerNormGrad):
                 corrected.append(example_corrected)
                 if index == 0:
                     self._check_layouts(example_activations, attribute_to_layer_input)
-        return _concatenated(records, activations, corrected)
+        return concatenated(records, activations, corrected)
 
     def _vmapped_records(
         self,
@@ -631,11 +642,11 @@ class LayerNormGradOrder1(LayerNormGrad):
             self.layers,
             attribute_to_layer_input,
             _cross_entropy if loss == "cross_entropy" else _callable_loss(loss),
-            tuple(PER_EXAMPLE if _is_per_example(a, num_examples) else a for a in args),
+            tuple(PER_EXAMPLE if is_per_example(a, num_examples) else a for a in args),
         )
         batch = Batch(
             inputs=inputs,
-            per_example_args=tuple(a.detach() for a in args if _is_per_example(a, num_examples)),
+            per_example_args=tuple(a.detach() for a in args if is_per_example(a, num_examples)),
             target=labels,
             buffers=buffers,
         )
@@ -663,104 +674,6 @@ class LayerNormGradOrder1(LayerNormGrad):
             record.activation = record.activation.detach()
             record.gradient = torch.zeros_like(record.activation)
         return records
-
-
-def _sliced(
-    inputs: tuple[Tensor, ...], args: tuple, per_example: Sequence[bool], start: int, stop: int
-) -> tuple:
-    """The forward arguments of examples ``start:stop``: inputs and per-example additional
-    arguments sliced, the others passed whole."""
-    return (
-        *(x[start:stop] for x in inputs),
-        *(a[start:stop] if each else a for a, each in zip(args, per_example)),
-    )
-
-
-def _concatenated(
-    records: list[LayerRecord], activations: list[list[Tensor]], corrected: list[list[Tensor]]
-) -> list[LayerRecord]:
-    """Each record gets its layer's activations and corrected gradients of every part, in order."""
-    for position, record in enumerate(records):
-        record.activation = torch.cat([a[position] for a in activations])
-        record.gradient = torch.cat([c[position] for c in corrected])
-    return records
-
-
-def _trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The modules holding a trainable parameter of their own, by qualified name."""
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if any(p.requires_grad for p in module.parameters(recurse=False))
-    }
-
-
-def _chunk_of(target: TargetType, start: int, stop: int, num_examples: int) -> TargetType:
-    """The part of Captum's ``target`` for examples ``start:stop``: per-example forms are sliced,
-    a target shared by the batch is kept."""
-    if _is_per_example(target, num_examples):
-        return target[start:stop]
-    if isinstance(target, list) and len(target) == num_examples and num_examples > 1:
-        return target[start:stop]
-    return target
-
-
-def _full_backward_hook_owner(model: nn.Module) -> str | None:
-    """The name of a module with a full backward hook (torch.func cannot run those), if any."""
-    for name, module in model.named_modules():
-        if module._backward_hooks and module._is_full_backward_hook:
-            return name or type(module).__name__
-    if nn.modules.module._global_backward_hooks:
-        return "every module (a global full backward hook)"
-    return None
-
-
-def _beyond_torch_func(error: RuntimeError) -> bool:
-    """What torch.func transforms refuse and plain autograd runs: activation checkpointing (saved
-    tensor hooks), ``autograd.Function`` without ``setup_context``."""
-    message = str(error)
-    return "saved tensor hooks" in message or "setup_context" in message
-
-
-@contextmanager
-def _one_example_at_a_time(model: nn.Module) -> Iterator[None]:
-    """Name train-mode BatchNorm when it cannot normalise one example (one value per channel)."""
-    try:
-        yield
-    except ValueError as error:
-        if "Expected more than 1 value per channel when training" not in str(error):
-            raise
-        names = [
-            name or type(module).__name__
-            for name, module in model.named_modules()
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
-        ]
-        raise ValueError(
-            f"order 1 runs its passes on one example at a time (each example gets its own inner "
-            f"step), and BatchNorm in training mode ({', '.join(names[:3])}"
-            f"{', ...' if len(names) > 3 else ''}) cannot normalise a single value per channel "
-            "(a 1x1 activation of one example). Call model.eval() so BatchNorm uses its running "
-            "statistics, or give larger inputs"
-        ) from error
-
-
-@contextmanager
-def _differentiable_attention(math_kernel: bool) -> Iterator[None]:
-    """Attention that autograd and torch.func can differentiate, for the passes only (restored).
-
-    ``nn.MultiheadAttention`` in eval mode takes a fused inference kernel when it sees no autograd,
-    which is what torch.func's wrapped tensors (and the loop's passes 3-4 before the layer) look like
-    to it: the fast path is switched off so every pass runs the same ``scaled_dot_product_attention``.
-    The fused SDPA kernels (flash, memory efficient) have no vmap batching rule and no second
-    derivative, so the exact HVP (a double backward) and the vmapped passes use the math kernel.
-    """
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH) if math_kernel else nullcontext():
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def _callable_loss(loss: Callable[[Tensor, TargetType], Tensor]) -> Callable:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, jacrev
 
-import captum_normgrad._order1_batching as batching
+import captum_normgrad._order1.vmap as vmap_mode
 from captum_normgrad import LayerNormGrad
 from captum_normgrad.order1 import LayerNormGradAdversarial, LayerNormGradOrder1
 
@@ -306,7 +306,7 @@ def test_vmapped_chunks_are_as_equal_as_can_be(monkeypatch):
     full one does."""
     model, images, labels = tiny_problem()
     images, labels = torch.cat([images, images[:1]]), torch.cat([labels, labels[:1]])
-    sizes, real_vmap = [], batching.vmap
+    sizes, real_vmap = [], vmap_mode.vmap
 
     def counting_vmap(function, in_dims):
         mapped = real_vmap(function, in_dims=in_dims)
@@ -319,7 +319,7 @@ def test_vmapped_chunks_are_as_equal_as_can_be(monkeypatch):
 
     method = LayerNormGradOrder1(model, model.conv2)
     loop = method.attribute(images, target=labels, eps=0.3, batch_mode="loop")
-    monkeypatch.setattr(batching, "vmap", counting_vmap)
+    monkeypatch.setattr(vmap_mode, "vmap", counting_vmap)
     vmapped = method.attribute(images, target=labels, eps=0.3, batch_mode="vmap", chunk_size=3)
     assert sizes == [2, 2]
     torch.testing.assert_close(vmapped, loop, rtol=1e-12, atol=1e-14)

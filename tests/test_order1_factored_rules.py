@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-import captum_normgrad._order1_batching as batching
+import captum_normgrad._order1.plan as plan
 from captum_normgrad import LayerNormGradOrder1
-from captum_normgrad._order1_factored import layer_bytes_per_example
-from captum_normgrad._order1_factors import Factors, rule_for
-from captum_normgrad._order1_passes import ForwardCaller
+from captum_normgrad._order1.autograd import ForwardCaller
+from captum_normgrad._order1.factored.rules import rule_for
+from captum_normgrad._order1.factored.rules.base import Factors
+from captum_normgrad._order1.plan import layer_bytes_per_example
 
 
 def _per_example_update(module: nn.Module, inputs: torch.Tensor, grads: torch.Tensor) -> list:
@@ -255,7 +256,7 @@ def test_auto_takes_the_loop_where_layers_are_large_per_example(monkeypatch):
     assert not torch.equal(loop, factored)  # a different order of summation
     torch.testing.assert_close(factored, loop, rtol=1e-10, atol=1e-14)
     assert torch.equal(order1.attribute(images, target=[0, 1, 2]), factored)
-    monkeypatch.setattr(batching, "FACTORED_EXAMPLE_BYTES", 100)
+    monkeypatch.setattr(plan, "FACTORED_EXAMPLE_BYTES", 100)
     monkeypatch.setattr("captum_normgrad.order1.FACTORED_EXAMPLE_BYTES", 100)
     assert torch.equal(
         LayerNormGradOrder1(model, model[1]).attribute(images, target=[0, 1, 2]), loop
@@ -264,7 +265,7 @@ def test_auto_takes_the_loop_where_layers_are_large_per_example(monkeypatch):
 
 @pytest.mark.parametrize("examples, limit", [(4, 3), (5, 2), (16, 3), (7, 7), (3, 8), (1, 1)])
 def test_chunks_are_at_most_the_limit_and_as_equal_as_can_be(examples, limit):
-    chunks = batching.balanced_chunks(examples, limit)
+    chunks = plan.balanced_chunks(examples, limit)
     sizes = [stop - start for start, stop in chunks]
     assert [start for start, _ in chunks] == [0, *[stop for _, stop in chunks[:-1]]]
     assert chunks[-1][1] == examples

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from captum_normgrad._asset_names import BUNDLED_MODEL
+from captum_normgrad._core.asset_names import BUNDLED_MODEL
 from captum_normgrad.cli._errors import CliError
 from captum_normgrad.cli._options import positive_int
 

@@ -2,7 +2,7 @@
 
 On a channels-first layer this is Captum's ``LayerGradCam``. On a transformer layer (tokens, channels
 last) Captum's Grad-CAM would average over the wrong axis, so there Grad-CAM is computed by its
-definition on the layer's layout, the same one NormGrad uses (:mod:`captum_normgrad._layouts`).
+definition on the layer's layout, the same one NormGrad uses (:mod:`captum_normgrad._core.layouts`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from captum.attr import LayerGradCam
 from torch import Tensor, nn
 
-from captum_normgrad._layouts import Layout, resolve_layouts
+from captum_normgrad._core.layouts import Layout, resolve_layouts
 
 __all__ = ["LayerGradCams", "grad_cam_on_layout"]
 

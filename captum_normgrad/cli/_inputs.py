@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_normgrad import data
-from captum_normgrad._layouts import is_torchvision as _is_torchvision
+from captum_normgrad._core.layouts import is_torchvision as _is_torchvision
 from captum_normgrad.cli._errors import CliError
 from captum_normgrad.cli._models import BUNDLED_MODEL, LoadedModel
 

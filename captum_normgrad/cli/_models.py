@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_normgrad import data
-from captum_normgrad._asset_names import BUNDLED_MODEL
+from captum_normgrad._core.asset_names import BUNDLED_MODEL
 from captum_normgrad.cli._errors import CliError
 
 __all__ = ["BUNDLED_MODEL", "LoadedModel", "load_model"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from captum_normgrad._asset_names import EFFICIENTNET_LITE0_LAYERS, SAMPLE_PHOTOS
+from captum_normgrad._core.asset_names import EFFICIENTNET_LITE0_LAYERS, SAMPLE_PHOTOS
 from captum_normgrad.cli._options import add_common_options, add_repeats_option
 
 __all__ = ["COMPARE_METHODS", "add_parser", "run"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from captum_normgrad._asset_names import BUNDLED_MODEL, EFFICIENTNET_LITE0_LAYERS
+from captum_normgrad._core.asset_names import BUNDLED_MODEL, EFFICIENTNET_LITE0_LAYERS
 from captum_normgrad.cli._options import add_common_options, add_repeats_option, positive_int
 
 __all__ = ["EXPLAIN_METHODS", "add_parser", "run"]

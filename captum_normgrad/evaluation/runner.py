@@ -20,7 +20,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from captum_normgrad._model_state import preserved_buffers
+from captum_normgrad._core.methods import (
+    Method,
+    call_method,
+    declared_layers,
+    method_layer_names,
+)
+from captum_normgrad._core.model_state import preserved_buffers
+from captum_normgrad._core.scores import Score
 from captum_normgrad.evaluation.dataset import EvaluationDataset, Example, read_image
 from captum_normgrad.evaluation.distributed import barrier, process_group, shard
 from captum_normgrad.evaluation.preprocess import Preprocessing, maps_at_original_size
@@ -38,13 +45,6 @@ from captum_normgrad.metrics import (
     insertion_curve,
     localization_iou,
 )
-from captum_normgrad.metrics._methods import (
-    Method,
-    call_method,
-    declared_layers,
-    method_layer_names,
-)
-from captum_normgrad.metrics._scores import Score
 
 __all__ = ["DATASET_METRICS", "evaluate_dataset"]
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import Tensor
 
+from captum_normgrad._core.methods import Method, call_method
 from captum_normgrad.metrics._checks import check_images, image_maps
-from captum_normgrad.metrics._methods import Method, call_method
 
 __all__ = ["input_shaped_explanation", "to_input_shape"]
 

@@ -19,9 +19,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from captum_normgrad._core.scores import Score, Target, chunked_scores, resolve_labels
 from captum_normgrad.combine import normalize_per_example
 from captum_normgrad.metrics._checks import check_images, image_maps
-from captum_normgrad.metrics._scores import Score, Target, chunked_scores, resolve_labels
 
 __all__ = ["confidence_drop", "confidence_increase", "explanation_scores"]
 

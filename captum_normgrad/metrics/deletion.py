@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from torchvision.transforms.v2.functional import gaussian_blur
 
+from captum_normgrad._core.scores import Score, Target, chunked_scores, resolve_labels
 from captum_normgrad.metrics._checks import check_images, image_maps
-from captum_normgrad.metrics._scores import Score, Target, chunked_scores, resolve_labels
 
 __all__ = [
     "area_under_curve",

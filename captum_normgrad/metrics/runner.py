@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from captum_normgrad._model_state import preserved_buffers
-from captum_normgrad.metrics._methods import Method, call_method, method_layer_names
-from captum_normgrad.metrics._scores import Score
+from captum_normgrad._core.methods import Method, call_method, method_layer_names
+from captum_normgrad._core.model_state import preserved_buffers
+from captum_normgrad._core.scores import Score
 from captum_normgrad.metrics.confidence import (
     confidence_drop,
     confidence_increase,

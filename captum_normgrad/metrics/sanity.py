@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from captum_normgrad._core.methods import Method, call_method
 from captum_normgrad.metrics._checks import check_images, image_maps
-from captum_normgrad.metrics._methods import Method, call_method
 from captum_normgrad.metrics.similarity import map_ssim, spearman_correlation
 
 __all__ = ["RandomizationResult", "model_randomization", "randomizable_layers"]

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captum_normgrad._core.pause import monitor_paused
 from captum_normgrad.losses import class_labels
 from captum_normgrad.training.guided import guided_relus
-from captum_normgrad.training.monitor import monitor_paused
 
 __all__ = ["AlignmentTerms", "GuidedGradientAlignment", "gradient_alignment"]
 

@@ -22,8 +22,7 @@ saliency losses do that for their own.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
@@ -32,32 +31,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from captum_normgrad._capture import layer_name
-from captum_normgrad._layouts import ReshapeTransform, resolve_layouts
+from captum_normgrad._core.capture import layer_name
+from captum_normgrad._core.layouts import ReshapeTransform, resolve_layouts
+from captum_normgrad._core.pause import ignored_while_paused, is_paused, monitor_paused
 from captum_normgrad.normgrad import channel_norm
 
 __all__ = ["MonitoredStep", "NormGradMonitor", "monitor_paused"]
-
-# Not thread-local on purpose: on CUDA, gradient hooks run on the autograd engine's device threads.
-_pause_depth = 0
-
-
-@contextmanager
-def monitor_paused() -> Iterator[None]:
-    """Forward and backward passes inside this block are ignored by every :class:`NormGradMonitor`.
-
-    Wrap the gradient computations of a training step that are not the training loss's backward
-    (e.g. ``torch.autograd.grad`` for a gradient penalty) so the maps stay those of the loss. A
-    forward pass of the model inside the block is not a training step either: it is not counted,
-    and a step recorded before the block stays open for the training loss's backward after it
-    (order 1's inner passes, for one, run on stepped copies of the parameters).
-    """
-    global _pause_depth
-    _pause_depth += 1
-    try:
-        yield
-    finally:
-        _pause_depth -= 1
 
 
 @dataclass(frozen=True)
@@ -233,9 +212,10 @@ class NormGradMonitor:
                 pending.maps.setdefault(index, torch.zeros_like(activation_norm))
             self._finish(pending)
 
+    @ignored_while_paused
     def _start_step(self, module: nn.Module, args: tuple) -> None:
         self._recording = False
-        if not torch.is_grad_enabled() or _pause_depth:
+        if not torch.is_grad_enabled() or is_paused():
             return
         self._close_pending()
         step = self.steps_seen
@@ -245,6 +225,7 @@ class NormGradMonitor:
             self._recording = True
 
     def _layer_hook(self, index: int) -> Callable[[nn.Module, tuple, object], None]:
+        @ignored_while_paused
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             pending = self._pending
             if not self._recording or pending is None:
@@ -264,6 +245,7 @@ class NormGradMonitor:
 
         return hook
 
+    @ignored_while_paused
     def _end_forward(self, module: nn.Module, args: tuple, output: object) -> None:
         pending = self._pending
         if not self._recording or pending is None:
@@ -280,7 +262,7 @@ class NormGradMonitor:
 
     def _gradient_hook(self, pending: _PendingStep, index: int) -> Callable[[Tensor], None]:
         def hook(gradient: Tensor) -> None:
-            if _pause_depth:
+            if is_paused():
                 return
             with torch.no_grad():
                 activation_norm = pending.activation_norms[index]

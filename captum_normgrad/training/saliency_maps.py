@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
-from captum_normgrad._capture import capture_layers, check_each_ran_once
+from captum_normgrad._core.capture import capture_layers, check_each_ran_once
+from captum_normgrad._core.pause import monitor_paused
 from captum_normgrad.losses import class_labels
 from captum_normgrad.normgrad import channel_norm
 from captum_normgrad.training.guided import GuidedSwitch, guided_relus
-from captum_normgrad.training.monitor import monitor_paused
 
 __all__ = [
     "DifferentiableGradCam",

@@ -2,7 +2,7 @@
 
 Each pass is ONE batched forward and backward of the user's model at the shared parameters
 ``theta``; forward hooks on every layer with parameters add each example's own update, kept as
-factors (:mod:`captum_normgrad._order1_factors`), or run the layer with it. So the examples share
+factors (:mod:`captum_normgrad._order1.factored.rules`), or run the layer with it. So the examples share
 the batch's kernels while each one runs at its own parameters, and the weight-sized work per
 example is what the loop does too (its weight gradients). Per chunk:
 
@@ -22,7 +22,7 @@ about one of the finite difference's two passes.
 Autograd is never asked for a parameter's gradient (the parameters are detached aliases during the
 passes): a layer's output gradient comes from a tensor hook on its output, and the backward runs
 to a zero added to the output of each first layer, so it crosses every layer above. Which models
-this can run is decided beforehand by :mod:`captum_normgrad._order1_traced`.
+this can run is decided beforehand by :mod:`captum_normgrad._order1.factored.tracing`.
 """
 
 from __future__ import annotations
@@ -37,17 +37,17 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from captum_normgrad._capture import (
+from captum_normgrad._core.capture import (
     LayerRecord,
     check_each_ran_once,
     kept_value,
     register_tap,
 )
-from captum_normgrad._order1_factors import Factors, ModuleRule, rule_for
-from captum_normgrad._order1_loop import second_derivative
-from captum_normgrad._order1_passes import ForwardCaller
+from captum_normgrad._order1.autograd import ForwardCaller, second_derivative
+from captum_normgrad._order1.factored.rules import rule_for
+from captum_normgrad._order1.factored.rules.base import Factors, ModuleRule
 
-__all__ = ["FactoredPasses", "FactoredUnsupported", "layer_bytes_per_example"]
+__all__ = ["FactoredPasses", "FactoredUnsupported", "trainable_modules"]
 
 
 class FactoredUnsupported(RuntimeError):
@@ -439,33 +439,10 @@ class FactoredPasses:
         return second_derivative(gradients, directions, list(zeros_at_theta))
 
 
-def layer_bytes_per_example(
-    caller: ForwardCaller, modules: dict[str, nn.Module], forward_args: tuple
-) -> int | None:
-    """Bytes of the inputs and outputs of the layers with parameters for ONE example (what the
-    factored passes keep per example), from a forward pass on the meta device: shapes only, no
-    arithmetic (ResNet-50: 30 ms). None if the model cannot run on meta tensors."""
-
-    def meta(value: object) -> object:
-        return torch.empty_like(value, device="meta") if isinstance(value, Tensor) else value
-
-    state = {name: meta(t) for name, t in caller.named_parameters()}
-    state.update({name: meta(t) for name, t in caller.named_buffers()})
-    total = 0
-
-    def count(module: nn.Module, args: tuple, output: object) -> None:
-        nonlocal total
-        for value in (args[0] if args else None, output):
-            if isinstance(value, Tensor):
-                total += value.numel() * value.element_size()
-
-    handles = [module.register_forward_hook(count) for module in modules.values()]
-    try:
-        with torch.no_grad():
-            functional_call(caller, state, tuple(meta(a) for a in forward_args), strict=False)
-    except Exception:  # noqa: BLE001 - an op without a meta kernel: the size is unknown
-        return None
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total
+def trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules holding a trainable parameter of their own, by qualified name."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if any(p.requires_grad for p in module.parameters(recurse=False))
+    }

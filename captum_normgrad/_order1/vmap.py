@@ -1,8 +1,9 @@
-"""The passes of NormGrad order 1 for ONE example, as pure functions of the parameters, for vmap.
+"""``batch_mode="vmap"``: order 1's passes for ONE example as pure functions of the parameters,
+vmapped over chunks of examples.
 
 Written with ``torch.func`` so that ``torch.func.vmap`` can run a chunk of examples at once, each
 with its own inner step (``batch_mode="vmap"``; the per-example loop is the plain-autograd
-:mod:`captum_normgrad._order1_loop`). The parameters are only ever arguments of
+:mod:`captum_normgrad._order1.loop`). The parameters are only ever arguments of
 ``torch.func.functional_call``: the user's module is never stepped, so an exception mid-way has
 nothing to undo.
 
@@ -15,42 +16,28 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp
+from torch.func import functional_call, grad, jvp, vmap
+
+from captum_normgrad._order1.autograd import ForwardCaller, Parameters, step_size
+from captum_normgrad._order1.examples import is_per_example
+from captum_normgrad._order1.plan import balanced_chunks
 
 __all__ = [
     "PER_EXAMPLE",
+    "Batch",
     "ExampleLoss",
-    "ForwardCaller",
-    "Parameters",
+    "beyond_torch_func",
     "example_terms",
-    "step_size",
+    "full_backward_hook_owner",
+    "run_vmapped",
 ]
-
-Parameters = dict[str, Tensor]
 
 # Stands in `ExampleLoss.static_args` for an additional forward argument taken from the example.
 PER_EXAMPLE = object()
-
-
-class ForwardCaller(nn.Module):
-    """A module whose forward is the user's forward function, so ``functional_call`` can evaluate it
-    with replaced parameters of ``model`` (names are prefixed ``model.``).
-
-    ``forward_func`` is the model itself or a bound method of it (``model.features``, a method
-    returning logits); the model is held as a child, which does not change it.
-    """
-
-    def __init__(self, model: nn.Module, forward_func: Callable[..., Tensor]) -> None:
-        super().__init__()
-        self.model = model
-        # Kept outside the module registry: when it is `model` itself it must not be a second child.
-        self._method = None if forward_func is model else forward_func
-
-    def forward(self, *args: object) -> Tensor:
-        return self.model(*args) if self._method is None else self._method(*args)
 
 
 @contextmanager
@@ -141,15 +128,6 @@ class ExampleLoss:
         return self.loss(outputs, example["target"]).sum(), activations
 
 
-def step_size(direction: Parameters, h_scale: float) -> Tensor:
-    """The paper's finite-difference step ``h = h_scale / ||direction||_2`` (all parameters as one
-    vector). A zero direction gives a zero Hessian-vector product for any finite ``h``."""
-    norm = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(d) for d in direction.values()])
-    )
-    return torch.where(norm > 0, h_scale / norm, torch.full_like(norm, h_scale))
-
-
 def _moved(theta: Parameters, direction: Parameters, step: Tensor) -> Parameters:
     """``theta + step * direction``, out of place: under vmap a parameter the forward never uses has
     an unbatched zero gradient, which cannot be written into batched storage in place."""
@@ -200,3 +178,92 @@ def example_terms(
         hessian_terms = [(p - m) / (2 * h) for p, m in zip(plus, minus)]
     corrected = [g - learning_rate * hv for g, hv in zip(gradients, hessian_terms)]
     return list(activations), corrected
+
+
+@dataclass
+class Batch:
+    """What the passes read for the whole batch.
+
+    Attributes:
+        inputs: the input tensors, batch first.
+        per_example_args: the additional forward arguments that are batch-first tensors, in order.
+        target: validated labels ``(N,)`` for cross-entropy; the user's ``target`` for a callable.
+        buffers: the model's buffers (each pass works on copies).
+    """
+
+    inputs: tuple[Tensor, ...]
+    per_example_args: tuple[Tensor, ...]
+    target: object
+    buffers: dict[str, Tensor]
+
+
+def _vmapped(
+    loss_fn: ExampleLoss,
+    theta: Parameters,
+    zeros: Sequence[Tensor],
+    batch: Batch,
+    settings: dict,
+    chunk_size: int,
+) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
+    num_examples = batch.inputs[0].shape[0]
+    target_batched = isinstance(batch.target, Tensor) and is_per_example(batch.target, num_examples)
+    if not target_batched and isinstance(batch.target, list) and len(batch.target) > 1:
+        raise ValueError(
+            "batch_mode='vmap' with a callable loss needs target as a tensor (one row per "
+            "example), an int or None, not a list; pass torch.tensor(target) or batch_mode='loop'"
+        )
+    in_dims = ({"inputs": 0, "args": 0, "target": 0 if target_batched else None, "buffers": 0},)
+
+    def one_example(example: dict) -> tuple[list[Tensor], list[Tensor]]:
+        return example_terms(loss_fn, theta, zeros, example, **settings)
+
+    activations, corrected = [], []
+    for start, stop in balanced_chunks(num_examples, chunk_size):
+        chunk, size = slice(start, stop), stop - start
+        example = {
+            # Each vmapped example keeps a batch dimension of 1, as the model expects.
+            "inputs": tuple(x[chunk].unsqueeze(1) for x in batch.inputs),
+            "args": tuple(a[chunk].unsqueeze(1) for a in batch.per_example_args),
+            "target": batch.target[chunk].unsqueeze(1) if target_batched else batch.target,
+            # Batched (one per example), so BatchNorm in train mode can update them under vmap.
+            "buffers": {n: b.expand(size, *b.shape) for n, b in batch.buffers.items()},
+        }
+        chunk_activations, chunk_corrected = vmap(one_example, in_dims=in_dims)(example)
+        activations.append([a.flatten(0, 1) for a in chunk_activations])
+        corrected.append([c.flatten(0, 1) for c in chunk_corrected])
+    return activations, corrected
+
+
+def run_vmapped(
+    loss_fn: ExampleLoss,
+    theta: Parameters,
+    zeros: Sequence[Tensor],
+    batch: Batch,
+    chunk_size: int,
+    learning_rate: float,
+    h_scale: float,
+    exact_hvp: bool,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Per layer, ``x(theta')`` and the corrected gradient for the whole batch, ``(N, C, *S)``."""
+    settings = {"learning_rate": learning_rate, "h_scale": h_scale, "exact_hvp": exact_hvp}
+    activations, corrected = _vmapped(loss_fn, theta, zeros, batch, settings, chunk_size)
+    return [torch.cat(parts) for parts in zip(*activations)], [
+        torch.cat(parts) for parts in zip(*corrected)
+    ]
+
+
+def full_backward_hook_owner(model: nn.Module) -> str | None:
+    """The name of a module with a full backward hook (torch.func cannot run those), if any."""
+    for name, module in model.named_modules():
+        if module._backward_hooks and module._is_full_backward_hook:
+            return name or type(module).__name__
+    if nn.modules.module._global_backward_hooks:
+        return "every module (a global full backward hook)"
+    return None
+
+
+def beyond_torch_func(error: RuntimeError) -> bool:
+    """What torch.func transforms refuse and plain autograd runs: activation checkpointing (saved
+    tensor hooks), ``autograd.Function`` without ``setup_context``."""
+    message = str(error)
+    return "saved tensor hooks" in message or "setup_context" in message

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from captum_normgrad._model_state import models_behind, preserved_buffers
+from captum_normgrad._core.model_state import models_behind, preserved_buffers
 
 __all__ = ["Score", "Target", "chunked_scores", "resolve_labels"]
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from captum_normgrad._capture import layer_name
-from captum_normgrad._model_state import models_behind
+from captum_normgrad._core.capture import layer_name
+from captum_normgrad._core.model_state import models_behind
 from captum_normgrad.reshape import TokensToGrid, channels_last_to_first
 
 __all__ = ["Layout", "ReshapeTransform", "is_torchvision", "resolve_layouts"]

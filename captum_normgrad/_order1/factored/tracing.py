@@ -6,7 +6,7 @@ what the per-example loop gives only if:
 
 - no operation mixes the examples of the batch (BatchNorm in training mode, a mean over dim 0);
 - every trainable parameter is used by its own module's forward, once per pass, and that module is
-  one the factored rules know (:data:`captum_normgrad._order1_factors.RULES`);
+  one the factored rules know (:data:`captum_normgrad._order1.factored.rules.RULES`);
 - no hook the user registered changes what runs.
 
 ``torch.fx.symbolic_trace`` gives the model's operations; each must be on an allowlist of
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from captum_normgrad._order1_factors import RULES
+from captum_normgrad._core.pause import is_ignored_while_paused
+from captum_normgrad._order1.factored.rules import RULES
 
 __all__ = ["factored_refusal"]
 
@@ -239,14 +240,9 @@ def _module_refusal(name: str, module: nn.Module) -> str | None:
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             return f"convolution '{name}' pads with {module.padding!r} / {module.padding_mode!r}"
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-    if module._backward_hooks or not all(map(_paused_monitor_hook, hooks)):
+    if module._backward_hooks or not all(map(is_ignored_while_paused, hooks)):
         return f"module '{name}' has hooks of its own"
     return None
-
-
-def _paused_monitor_hook(hook: Callable) -> bool:
-    """A NormGradMonitor's hooks do nothing during order 1 (which pauses every monitor)."""
-    return getattr(hook, "__qualname__", "").startswith("NormGradMonitor.")
 
 
 def factored_refusal(model: nn.Module, forward_func: Callable) -> str | None:

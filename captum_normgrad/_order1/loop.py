@@ -23,7 +23,6 @@ reused from one example to the next.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -31,15 +30,21 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from captum_normgrad._capture import (
+from captum_normgrad._core.capture import (
     LayerRecord,
     check_each_ran_once,
     kept_value,
     register_tap,
 )
-from captum_normgrad._order1_passes import ForwardCaller, Parameters, step_size
+from captum_normgrad._order1.autograd import (
+    ForwardCaller,
+    Parameters,
+    gradients_or_zeros,
+    second_derivative,
+    step_size,
+)
 
-__all__ = ["LoopPasses", "second_derivative"]
+__all__ = ["LoopPasses"]
 
 
 class _Taps:
@@ -111,68 +116,6 @@ class _Taps:
         finally:
             for handle in handles:
                 handle.remove()
-
-
-def _gradients(
-    output: Tensor | Sequence[Tensor],
-    inputs: Sequence[Tensor | None],
-    *,
-    cotangents: Sequence[Tensor] | None = None,
-    create_graph: bool = False,
-) -> list[Tensor]:
-    """``d output / d inputs``, or ``d <outputs, cotangents> / d inputs`` (the cotangents held
-    fixed); an input the output does not depend on gets a zero gradient (an unused head's
-    parameters; a layer whose path to the output the model cuts)."""
-    outputs = [output] if isinstance(output, Tensor) else list(output)
-    used = [i for i, tensor in enumerate(inputs) if tensor is not None and tensor.requires_grad]
-    found: tuple = ()
-    if used and any(t.requires_grad for t in outputs):
-        try:
-            found = torch.autograd.grad(
-                outputs,
-                [inputs[i] for i in used],
-                grad_outputs=cotangents,
-                create_graph=create_graph,
-                allow_unused=True,
-            )
-        except RuntimeError as error:
-            if re.search(r"(?:not |in)compatible with \.grad\(\)", str(error)):
-                raise ValueError(
-                    "the model uses reentrant activation checkpointing "
-                    "(torch.utils.checkpoint with use_reentrant=True), which computes no gradient "
-                    "through torch.autograd.grad; order 1 needs it. Use use_reentrant=False"
-                ) from error
-            raise
-    gradients: list[Tensor | None] = [None] * len(inputs)
-    for i, gradient in zip(used, found):
-        gradients[i] = gradient
-    # Zeros only where needed: a parameter-sized allocation per call costs page faults.
-    return [
-        torch.zeros_like(t) if g is None and t is not None else g for g, t in zip(gradients, inputs)
-    ]
-
-
-def second_derivative(
-    gradients: Sequence[Tensor], directions: Sequence[Tensor], zeros: list[Tensor | None]
-) -> list[Tensor]:
-    """``d <gradients, directions> / d zeros``, the directions held fixed: a backward through the
-    backward that made ``gradients`` (kept in the graph), starting from ``directions`` as their
-    cotangents, so no product is formed. Refused, naming the operation, where PyTorch has no
-    second derivative (``hardsigmoid`` in MobileNetV3)."""
-    pairs = [(g, d) for g, d in zip(gradients, directions, strict=True) if g.requires_grad]
-    if not pairs:  # no parameter gradient depends on anything
-        return [torch.zeros_like(z) for z in zeros]
-    try:
-        return _gradients([g for g, _ in pairs], zeros, cotangents=[d.detach() for _, d in pairs])
-    except (RuntimeError, NotImplementedError) as error:
-        missing = re.search(r"derivative for (\S+) is not implemented", str(error))
-        if missing is None:
-            raise
-        raise ValueError(
-            f"hvp='exact' differentiates the model's gradient a second time, and PyTorch has no "
-            f"derivative of {missing.group(1)}, which this model uses; use "
-            "hvp='finite_difference' (the paper's)"
-        ) from error
 
 
 class _Within(nn.Module):
@@ -262,7 +205,7 @@ class LoopPasses:
             target = resolve_target(outputs.detach())
             loss = self.loss(outputs, target).sum()
             del outputs
-            first = _gradients(loss, list(self.leaves.values()), create_graph=exact_hvp)
+            first = gradients_or_zeros(loss, list(self.leaves.values()), create_graph=exact_hvp)
             del loss  # with create_graph, `first` keeps the graph the double backward needs
             zeros_at_theta = list(self.taps.zeros)
             with torch.no_grad():  # theta' = theta - lr * grad, rounded as the formula reads
@@ -273,7 +216,7 @@ class LoopPasses:
 
             def at_stepped() -> tuple[list[Tensor], list[Tensor]]:
                 loss = self.loss(self._forward(forward_args, tap=True), target).sum()
-                return list(self.taps.activations), _gradients(
+                return list(self.taps.activations), gradients_or_zeros(
                     loss, [*stepped.values(), *self.taps.zeros]
                 )
 
@@ -305,7 +248,7 @@ class LoopPasses:
 
         def at_moved() -> list[Tensor]:
             loss = self.loss(self._forward(forward_args, tap=True), target).sum()
-            return _gradients(loss, self.taps.zeros)
+            return gradients_or_zeros(loss, self.taps.zeros)
 
         return self._at(self.moved, at_moved)
 

@@ -1,10 +1,10 @@
-"""Running the per-example passes of order 1 over a batch: one example at a time, or vmapped chunks.
+"""Which batch mode runs a call of order 1, and how many examples go in a chunk.
 
 Every example gets its own inner step, so a batch cannot share one set of stepped parameters. Two
 ways to run it give the same maps:
 
 - ``"loop"``: the passes on each example alone (batch dimension 1), plain autograd
-  (:mod:`captum_normgrad._order1_loop`). Memory: two copies of the parameters at a time.
+  (:mod:`captum_normgrad._order1.loop`). Memory: two copies of the parameters at a time.
 - ``"vmap"``: ``torch.func.vmap`` over a chunk of examples; each convolution runs once per pass with
   per-example weights. Memory: about :data:`PARAMETER_COPIES_PER_EXAMPLE` copies of the trainable
   parameters per example in the chunk, so the chunk is sized to fit.
@@ -12,25 +12,23 @@ ways to run it give the same maps:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor
-from torch.func import vmap
+from torch import Tensor, nn
+from torch.func import functional_call
 
-from captum_normgrad._order1_passes import ExampleLoss, Parameters, example_terms
+from captum_normgrad._order1.autograd import ForwardCaller
 
 __all__ = [
+    "FACTORED_CHUNK",
+    "FACTORED_CHUNK_BYTES",
+    "FACTORED_EXAMPLE_BYTES",
     "PARAMETER_COPIES_PER_EXAMPLE",
-    "Batch",
     "BatchMode",
     "balanced_chunks",
     "choose_batch_mode",
-    "is_per_example",
-    "run_vmapped",
-    "target_of_example",
+    "layer_bytes_per_example",
 ]
 
 BatchMode = Literal["auto", "factored", "loop", "vmap"]
@@ -50,36 +48,6 @@ FACTORED_CHUNK = 8  # where the sizes cannot be known beforehand
 # in flight, and the activations. benchmarks/bench_order1.py measured 3.5 on ResNet-18 at 224x224,
 # activations included; models with few parameters and large activations need an explicit chunk_size.
 PARAMETER_COPIES_PER_EXAMPLE = 5
-
-
-def is_per_example(value: object, num_examples: int) -> bool:
-    """Captum's convention for additional arguments: a tensor whose first dimension is the batch."""
-    return isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == num_examples
-
-
-@dataclass
-class Batch:
-    """What the passes read for the whole batch.
-
-    Attributes:
-        inputs: the input tensors, batch first.
-        per_example_args: the additional forward arguments that are batch-first tensors, in order.
-        target: validated labels ``(N,)`` for cross-entropy; the user's ``target`` for a callable.
-        buffers: the model's buffers (each pass works on copies).
-    """
-
-    inputs: tuple[Tensor, ...]
-    per_example_args: tuple[Tensor, ...]
-    target: object
-    buffers: dict[str, Tensor]
-
-
-def target_of_example(target: object, index: int, num_examples: int) -> object:
-    if is_per_example(target, num_examples):
-        return target[index : index + 1]
-    if isinstance(target, list) and len(target) == num_examples and num_examples > 1:
-        return [target[index]]
-    return target
 
 
 def _memory_budget(device: torch.device) -> int:
@@ -153,56 +121,33 @@ def balanced_chunks(num_examples: int, chunk_size: int) -> list[tuple[int, int]]
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _vmapped(
-    loss_fn: ExampleLoss,
-    theta: Parameters,
-    zeros: Sequence[Tensor],
-    batch: Batch,
-    settings: dict,
-    chunk_size: int,
-) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
-    num_examples = batch.inputs[0].shape[0]
-    target_batched = isinstance(batch.target, Tensor) and is_per_example(batch.target, num_examples)
-    if not target_batched and isinstance(batch.target, list) and len(batch.target) > 1:
-        raise ValueError(
-            "batch_mode='vmap' with a callable loss needs target as a tensor (one row per "
-            "example), an int or None, not a list; pass torch.tensor(target) or batch_mode='loop'"
-        )
-    in_dims = ({"inputs": 0, "args": 0, "target": 0 if target_batched else None, "buffers": 0},)
+def layer_bytes_per_example(
+    caller: ForwardCaller, modules: dict[str, nn.Module], forward_args: tuple
+) -> int | None:
+    """Bytes of the inputs and outputs of the layers with parameters for ONE example (what the
+    factored passes keep per example), from a forward pass on the meta device: shapes only, no
+    arithmetic (ResNet-50: 30 ms). None if the model cannot run on meta tensors."""
 
-    def one_example(example: dict) -> tuple[list[Tensor], list[Tensor]]:
-        return example_terms(loss_fn, theta, zeros, example, **settings)
+    def meta(value: object) -> object:
+        return torch.empty_like(value, device="meta") if isinstance(value, Tensor) else value
 
-    activations, corrected = [], []
-    for start, stop in balanced_chunks(num_examples, chunk_size):
-        chunk, size = slice(start, stop), stop - start
-        example = {
-            # Each vmapped example keeps a batch dimension of 1, as the model expects.
-            "inputs": tuple(x[chunk].unsqueeze(1) for x in batch.inputs),
-            "args": tuple(a[chunk].unsqueeze(1) for a in batch.per_example_args),
-            "target": batch.target[chunk].unsqueeze(1) if target_batched else batch.target,
-            # Batched (one per example), so BatchNorm in train mode can update them under vmap.
-            "buffers": {n: b.expand(size, *b.shape) for n, b in batch.buffers.items()},
-        }
-        chunk_activations, chunk_corrected = vmap(one_example, in_dims=in_dims)(example)
-        activations.append([a.flatten(0, 1) for a in chunk_activations])
-        corrected.append([c.flatten(0, 1) for c in chunk_corrected])
-    return activations, corrected
+    state = {name: meta(t) for name, t in caller.named_parameters()}
+    state.update({name: meta(t) for name, t in caller.named_buffers()})
+    total = 0
 
+    def count(module: nn.Module, args: tuple, output: object) -> None:
+        nonlocal total
+        for value in (args[0] if args else None, output):
+            if isinstance(value, Tensor):
+                total += value.numel() * value.element_size()
 
-def run_vmapped(
-    loss_fn: ExampleLoss,
-    theta: Parameters,
-    zeros: Sequence[Tensor],
-    batch: Batch,
-    chunk_size: int,
-    learning_rate: float,
-    h_scale: float,
-    exact_hvp: bool,
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Per layer, ``x(theta')`` and the corrected gradient for the whole batch, ``(N, C, *S)``."""
-    settings = {"learning_rate": learning_rate, "h_scale": h_scale, "exact_hvp": exact_hvp}
-    activations, corrected = _vmapped(loss_fn, theta, zeros, batch, settings, chunk_size)
-    return [torch.cat(parts) for parts in zip(*activations)], [
-        torch.cat(parts) for parts in zip(*corrected)
-    ]
+    handles = [module.register_forward_hook(count) for module in modules.values()]
+    try:
+        with torch.no_grad():
+            functional_call(caller, state, tuple(meta(a) for a in forward_args), strict=False)
+    except Exception:  # noqa: BLE001 - an op without a meta kernel: the size is unknown
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total

@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from captum_normgrad._capture import layer_name
+from captum_normgrad._core.capture import layer_name
 
 __all__ = [
     "AttributionMethod",

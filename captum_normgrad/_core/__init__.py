@@ -1,0 +1,1 @@
+"""The one private tree every folder of the package may import (as Captum's ``_utils/``)."""
