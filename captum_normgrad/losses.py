@@ -17,7 +17,6 @@ Three choices, named by the ``loss`` argument of every method:
 from __future__ import annotations
 
 from collections.abc import Callable
-from numbers import Integral
 from typing import Literal
 
 import torch
@@ -25,54 +24,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from captum_normgrad._core.captum import TargetType, select_targets
+from captum_normgrad._core.front_door import (
+    check_loss,
+    check_target_form,
+    explained_output,
+    is_index,
+    target_length_error,
+)
 
 __all__ = ["LossSpec", "check_target_form", "class_labels", "per_example_loss"]
 
 LossSpec = Literal["cross_entropy", "output"] | Callable[[Tensor, TargetType], Tensor]
-
-_TARGET_FORMS = (
-    "None, an int, a tuple of ints (loss='output'), a list of them (one per example) or an "
-    "integer tensor"
-)
-
-
-def _is_index(value: object) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
-
-
-def _is_index_tuple(value: object) -> bool:
-    return isinstance(value, tuple) and all(_is_index(v) for v in value)
-
-
-def check_target_form(target: TargetType) -> None:
-    """Refuse a ``target`` of a type no loss can take, naming the argument (before PyTorch's own
-    messages, such as ``new(): invalid data type 'str'``, would).
-
-    Raises:
-        TypeError: ``target`` (or an entry of a list) is not an index, a tuple of them or a tensor.
-        ValueError: a tensor ``target`` that does not hold integers.
-    """
-    if target is None or _is_index(target) or _is_index_tuple(target):
-        return
-    if isinstance(target, Tensor):
-        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            raise ValueError(
-                f"target must hold integer class indices, got a tensor of dtype {target.dtype}; "
-                "convert it with target.long() if its values are indices"
-            )
-        return
-    if isinstance(target, list):
-        for entry in target:
-            if not (_is_index(entry) or _is_index_tuple(entry)):
-                raise TypeError(
-                    f"target must be {_TARGET_FORMS}; got a list holding {type(entry).__name__} "
-                    f"({entry!r}). Map class names to indices first"
-                )
-        return
-    raise TypeError(
-        f"target must be {_TARGET_FORMS}; got {type(target).__name__} ({target!r}). "
-        "Map class names to indices first"
-    )
 
 
 def class_labels(outputs: Tensor, target: TargetType) -> Tensor:
@@ -104,17 +66,14 @@ def class_labels(outputs: Tensor, target: TargetType) -> Tensor:
             f"cross-entropy needs one class index per example, got target={target!r}; "
             "tuple targets index multi-dimensional outputs (use loss='output')"
         )
-    if _is_index(target):
+    if is_index(target):
         labels = torch.full((num_examples,), target, dtype=torch.long, device=outputs.device)
     else:
         labels = torch.as_tensor(target, device=outputs.device).long()
         if labels.numel() == 1:
             labels = labels.reshape(1).expand(num_examples)
         elif labels.dim() != 1 or labels.numel() != num_examples:
-            raise ValueError(
-                f"target has {labels.numel()} entries (shape {tuple(labels.shape)}) for a batch of "
-                f"{num_examples} examples; give one class index per example or a single index"
-            )
+            raise target_length_error(labels.numel(), num_examples)
     out_of_range = (labels < 0) | (labels >= num_classes)
     if out_of_range.any():
         bad = labels[out_of_range][0].item()
@@ -137,9 +96,7 @@ def _selected_outputs(outputs: Tensor, target: TargetType) -> Tensor:
         isinstance(target, Tensor) and target.numel() == 1
     ):
         if len(target) != num_examples:
-            raise ValueError(
-                f"target has {len(target)} entries for a batch of {num_examples} examples"
-            )
+            raise target_length_error(len(target), num_examples)
         if outputs.dim() == 2 and not isinstance(target[0], tuple):
             labels = torch.as_tensor(target)
             if ((labels < 0) | (labels >= outputs.shape[1])).any():
@@ -177,11 +134,7 @@ def per_example_loss(outputs: Tensor, target: TargetType, loss: LossSpec) -> Ten
     Raises:
         ValueError: the outputs, target or loss do not fit together.
     """
-    if not isinstance(outputs, Tensor):
-        raise ValueError(
-            f"the forward function returned {type(outputs).__name__}, not a tensor; wrap the model so "
-            "it returns the tensor to explain"
-        )
+    outputs = explained_output(outputs)
     if loss == "cross_entropy":
         if not outputs.is_floating_point():
             raise ValueError(
@@ -191,15 +144,12 @@ def per_example_loss(outputs: Tensor, target: TargetType, loss: LossSpec) -> Ten
     if loss == "output":
         check_target_form(target)
         return _selected_outputs(outputs, target)
-    if callable(loss):
-        losses = loss(outputs, target)
-        if not isinstance(losses, Tensor) or losses.shape != (outputs.shape[0],):
-            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-            raise ValueError(
-                f"the loss callable must return one loss per example, shape ({outputs.shape[0]},); "
-                f"it returned {shape}"
-            )
-        return losses
-    raise ValueError(
-        f"loss must be 'cross_entropy', 'output' or a callable(outputs, target), got {loss!r}"
-    )
+    check_loss(loss)  # a callable from here on
+    losses = loss(outputs, target)
+    if not isinstance(losses, Tensor) or losses.shape != (outputs.shape[0],):
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(
+            f"the loss callable must return one loss per example, shape ({outputs.shape[0]},); "
+            f"it returned {shape}"
+        )
+    return losses

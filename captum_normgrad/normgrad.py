@@ -22,76 +22,27 @@ from torch import Tensor, nn
 from captum_normgrad._core.captum import (
     TargetType,
     format_additional_forward_args,
-    format_inputs,
     log_usage,
     run_forward,
 )
 from captum_normgrad._core.capture import (
     LayerRecord,
-    attach_gradients,
     capture_layers,
     check_each_ran_once,
+    layer_gradients,
 )
+from captum_normgrad._core.front_door import (
+    check_grad_mode,
+    check_loss,
+    check_target,
+    checked_inputs,
+)
+from captum_normgrad._core.layer_map import channel_norm, check_finite_map, laid_out
 from captum_normgrad._core.layouts import ReshapeTransform, resolve_layouts
 from captum_normgrad._core.model_state import models_behind, preserved_buffers
 from captum_normgrad.losses import LossSpec, per_example_loss
 
 __all__ = ["LayerNormGrad", "LayerNormGradSelective", "channel_norm"]
-
-
-def channel_norm(tensor: Tensor) -> Tensor:
-    """The Euclidean norm over channels (dim 1) at every location: ``(N, C, *S) -> (N, 1, *S)``.
-
-    Scaled by the location's largest ``|x|`` first, so that activations near ``1e19`` (whose squares
-    overflow float32) still give their finite norm. The scale is a constant for autograd:
-    ``s * ||x / s||`` has the gradient of ``||x||`` for any fixed ``s``.
-    """
-    scale = tensor.detach().abs().amax(dim=1, keepdim=True)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.linalg.vector_norm(tensor / scale, dim=1, keepdim=True) * scale
-
-
-def check_finite_inputs(inputs: tuple[Tensor, ...]) -> None:
-    """A non-finite input poisons every gradient; refuse it instead of returning a NaN map."""
-    for index, tensor in enumerate(inputs):
-        if not isinstance(tensor, Tensor):
-            raise TypeError(f"input {index} is a {type(tensor).__name__}, not a tensor")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"input {index} contains NaN or infinite values")
-
-
-def check_finite_map(layer_map: Tensor, record: LayerRecord) -> Tensor:
-    """Inputs were finite, so a NaN or infinite map is an overflow: refuse it, never return it."""
-    if not torch.isfinite(layer_map).all():
-        raise RuntimeError(
-            f"the map of layer '{record.name}' is not finite although the inputs are: its "
-            f"activation or gradient overflows {layer_map.dtype}. Attribute in float64 "
-            "(model.double() and double inputs), at a layer with smaller activations, or (order 1) "
-            "with a smaller eps"
-        )
-    return layer_map
-
-
-def _gradients(
-    total_loss: Tensor, records: Sequence[LayerRecord], create_graph: bool
-) -> tuple[Tensor | None, ...]:
-    """``d total_loss / d tap`` for each record (``None`` where the loss ignores it)."""
-    try:
-        return torch.autograd.grad(
-            total_loss,
-            [record.tap for record in records],
-            create_graph=create_graph,
-            allow_unused=True,
-        )
-    except RuntimeError as error:
-        if "use_reentrant" not in str(error):
-            raise
-        names = ", ".join(f"'{record.name}'" for record in records)
-        raise RuntimeError(
-            f"the gradient to layer {names} passes through reentrant activation checkpointing "
-            "(torch.utils.checkpoint.checkpoint(..., use_reentrant=True)), which cannot give the "
-            "gradient of an intermediate activation. Use use_reentrant=False in the model"
-        ) from error
 
 
 class LayerNormGrad(LayerAttribution, GradientAttribution):
@@ -165,9 +116,7 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
         """A record's activation and gradient, moved to ``(N, C, *S)`` by the layer's reshape
         transform (the same for both), then the variant's norm step."""
         layout = self.layouts[self.layers.index(record.layer)].side(record.at_input)
-        layout.check_patches_reach_loss(record.gradient)
-        activation = layout.channels_first(record.activation)
-        gradient = layout.channels_first(record.gradient)
+        activation, gradient = laid_out(layout, record.activation, record.gradient)
         return self._norm_map(activation, gradient, record.evidence_sign)
 
     def _norm_map(self, activation: Tensor, gradient: Tensor, evidence_sign: int) -> Tensor:
@@ -178,7 +127,7 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
         """Every record's map, checked finite; differentiable (also under the caller's
         ``torch.no_grad()``) when ``create_graph``, detached otherwise."""
         with torch.enable_grad() if create_graph else nullcontext():
-            maps = [check_finite_map(self._layer_map(record), record) for record in records]
+            maps = [check_finite_map(self._layer_map(record), record.name) for record in records]
         return maps if create_graph else [layer_map.detach() for layer_map in maps]
 
     @log_usage(part_of_slo=True)
@@ -236,13 +185,10 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
         create_graph: bool,
     ) -> list[LayerRecord]:
         """One forward and one backward pass; each record gets its activation and gradient."""
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "NormGrad needs autograd, which torch.inference_mode() disables; "
-                "use torch.no_grad() or no context instead"
-            )
-        inputs = format_inputs(inputs)
-        check_finite_inputs(inputs)
+        check_grad_mode()
+        inputs = checked_inputs(inputs)
+        check_loss(loss)
+        check_target(target, inputs[0].shape[0], loss)
         additional_forward_args = format_additional_forward_args(additional_forward_args)
         model_modules = models_behind(self.forward_func, self.layers)
         with (
@@ -259,8 +205,7 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
             records.end_forward()
             check_each_ran_once(records)
             total_loss = per_example_loss(outputs, target, loss).sum()
-            gradients = _gradients(total_loss, records, create_graph)
-        attach_gradients(records, gradients)
+            layer_gradients(total_loss, records, create_graph)
         for record in records:
             record.evidence_sign = 1 if loss == "output" else -1
             if not create_graph:

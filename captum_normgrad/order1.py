@@ -36,7 +36,6 @@ from torch import Tensor, nn
 from captum_normgrad._core.captum import (
     TargetType,
     format_additional_forward_args,
-    format_inputs,
     log_usage,
     run_forward,
 )
@@ -46,6 +45,7 @@ from captum_normgrad._core.capture import (
     check_each_ran_once,
     layer_name,
 )
+from captum_normgrad._core.front_door import checked_inputs
 from captum_normgrad._core.layouts import ReshapeTransform
 from captum_normgrad._core.model_state import models_behind, preserved_buffers
 from captum_normgrad._core.pause import monitor_paused
@@ -82,7 +82,7 @@ from captum_normgrad._order1.vmap import (
     run_vmapped,
 )
 from captum_normgrad.losses import LossSpec, class_labels, per_example_loss
-from captum_normgrad.normgrad import LayerNormGrad, check_finite_inputs
+from captum_normgrad.normgrad import LayerNormGrad
 
 __all__ = ["LayerNormGradAdversarial", "LayerNormGradOrder1"]
 
@@ -343,8 +343,7 @@ class LayerNormGradOrder1(LayerNormGrad):
     ) -> list[LayerRecord]:
         """Each record gets ``x(theta')`` as its activation and the corrected gradient as its
         gradient, so that order 0's ``_layer_map`` gives the order-1 map."""
-        inputs = format_inputs(inputs)
-        check_finite_inputs(inputs)
+        inputs = checked_inputs(inputs)
         inputs = tuple(x.detach() for x in inputs)
         num_examples = inputs[0].shape[0]
         for index, tensor in enumerate(inputs):

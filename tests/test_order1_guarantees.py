@@ -122,13 +122,16 @@ class _CountBackward(torch.autograd.Function):
 
 
 class CountingNet(nn.Module):
+    # On the class: the methods restore the model's own attributes after each call.
+    forward_calls = 0
+
     def __init__(self) -> None:
         super().__init__()
         self.body = bn_cnn()
-        self.forward_calls = 0
+        type(self).forward_calls = 0
 
     def forward(self, x: Tensor) -> Tensor:
-        self.forward_calls += 1
+        type(self).forward_calls += 1
         return _CountBackward.apply(self.body(x))
 
 

@@ -11,8 +11,9 @@ Only the forward pass is recorded. Activation checkpointing re-runs a block duri
 and so fires the hooks again; once the caller marks the forward pass as over
 (:meth:`Capture.end_forward`), those calls pass through untouched, so records and counts stay those of
 the forward pass. A layer that ran with grad disabled (reentrant checkpointing, ``torch.no_grad()``
-inside the model) gets no gradient at all: :func:`attach_gradients` refuses it by name rather than
-returning the all-zero map it would otherwise give.
+inside the model) gets no gradient at all: :func:`layer_gradients` refuses it by name rather than
+returning the all-zero map it would otherwise give, and so does a layer whose activation never
+reaches the loss.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from torch.utils.hooks import RemovableHandle
 __all__ = [
     "Capture",
     "LayerRecord",
-    "attach_gradients",
     "capture_layers",
     "check_each_ran_once",
     "kept_value",
+    "layer_gradients",
     "layer_name",
     "register_tap",
+    "unreached_refusal",
 ]
 
 
@@ -200,13 +202,46 @@ def check_each_ran_once(records: Sequence[LayerRecord]) -> None:
             )
 
 
-def attach_gradients(records: Sequence[LayerRecord], gradients: Sequence[Tensor | None]) -> None:
-    """Store each layer's gradient; a missing one is zero only where the loss truly ignores the layer.
+def unreached_refusal(name: str, at_input: bool) -> RuntimeError:
+    """The one message for a layer that ran but whose activation the loss does not depend on."""
+    where = "input (through the layer)" if at_input else "output"
+    return RuntimeError(
+        f"layer '{name}' ran, but its {where} does not reach the loss: nothing it feeds reaches "
+        "the model's outputs, so its map would be all zeros. Attribute a layer on the path from "
+        "the inputs to the outputs"
+    )
 
-    ``torch.autograd.grad(..., allow_unused=True)`` gives ``None`` both for a layer the output does not
-    depend on (the map is then rightly zero) and for a layer that ran with grad disabled, whose
-    activation autograd never saw: that map would be zero for no reason, so it is an error.
+
+def layer_gradients(
+    total_loss: Tensor,
+    records: Sequence[LayerRecord],
+    create_graph: bool = False,
+    retain_graph: bool | None = None,
+) -> None:
+    """``d total_loss / d tap`` into each record's ``gradient``, or a refusal naming the layer.
+
+    ``torch.autograd.grad(..., allow_unused=True)`` gives ``None`` both for a layer that ran with
+    grad disabled (reentrant checkpointing, ``torch.no_grad()`` inside the model) and for one whose
+    activation the loss does not depend on. Either map would be zeros for no reason: both are
+    errors, each with what to do.
     """
+    try:
+        gradients = torch.autograd.grad(
+            total_loss,
+            [record.tap for record in records],
+            create_graph=create_graph,
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+    except RuntimeError as error:
+        if "use_reentrant" not in str(error):
+            raise
+        names = ", ".join(f"'{record.name}'" for record in records)
+        raise RuntimeError(
+            f"the gradient to layer {names} passes through reentrant activation checkpointing "
+            "(torch.utils.checkpoint.checkpoint(..., use_reentrant=True)), which cannot give the "
+            "gradient of an intermediate activation. Use use_reentrant=False in the model"
+        ) from error
     for record, gradient in zip(records, gradients):
         if gradient is None and not record.grad_enabled:
             raise RuntimeError(
@@ -216,7 +251,9 @@ def attach_gradients(records: Sequence[LayerRecord], gradients: Sequence[Tensor 
                 "zeros. Use torch.utils.checkpoint.checkpoint(..., use_reentrant=False), or "
                 "attribute a layer outside the no-grad region"
             )
-        record.gradient = torch.zeros_like(record.activation) if gradient is None else gradient
+        if gradient is None:
+            raise unreached_refusal(record.name, record.at_input)
+        record.gradient = gradient
 
 
 def register_tap(

@@ -51,10 +51,31 @@ def _restore_bindings(module: nn.Module, slot: str, saved: dict[str, Tensor | No
             current[name] = tensor
 
 
+# Module attributes restored by their own mechanism (or deliberately left alone: the hook dicts are
+# the user's, and a hook registered during a call is removed by whoever registered it).
+_MANAGED = frozenset({"_buffers", "_parameters", "_modules", "_non_persistent_buffers_set"})
+
+
+def _restore_attributes(module: nn.Module, saved: dict[str, object]) -> None:
+    """Make the module's plain attributes (``self.calls``, ``self.last = tensor``) the saved
+    objects again, none added, none lost."""
+    current = vars(module)
+    for name in [name for name in current if name not in saved and name not in _MANAGED]:
+        del current[name]
+    for name, value in saved.items():
+        if current.get(name, _MISSING) is not value:
+            current[name] = value
+
+
+_MISSING = object()
+
+
 @contextmanager
 def preserved_buffers(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Restore the state of ``modules`` (and their submodules) when the block ends, also when it
-    raises: buffer and parameter bindings by identity, buffer values bitwise, in place."""
+    raises: buffer and parameter bindings by identity, buffer values bitwise, in place, and every
+    plain attribute a forward may rebind (a counter, a cached tensor; also what ``torch.fx`` leaves
+    behind when it traces a forward that assigns, a ``Proxy``)."""
     modules = _all_modules(modules)
     bindings = [
         (
@@ -62,18 +83,20 @@ def preserved_buffers(modules: Iterable[nn.Module]) -> Iterator[None]:
             dict(module._buffers),
             dict(module._parameters),
             set(module._non_persistent_buffers_set),
+            {k: v for k, v in vars(module).items() if k not in _MANAGED},
         )
         for module in modules
     ]
     values: dict[int, tuple[Tensor, Tensor]] = {}
-    for _, buffers, _, _ in bindings:
+    for _, buffers, _, _, _ in bindings:
         for buffer in buffers.values():
             if buffer is not None and id(buffer) not in values:
                 values[id(buffer)] = (buffer, buffer.detach().clone())
     try:
         yield
     finally:
-        for module, buffers, parameters, non_persistent in bindings:
+        for module, buffers, parameters, non_persistent, attributes in bindings:
+            _restore_attributes(module, attributes)
             _restore_bindings(module, "_buffers", buffers)
             _restore_bindings(module, "_parameters", parameters)
             module._non_persistent_buffers_set.clear()

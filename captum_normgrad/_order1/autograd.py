@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from captum_normgrad._core.front_door import explained_output
+
 __all__ = [
     "ForwardCaller",
     "Parameters",
@@ -40,7 +42,10 @@ class ForwardCaller(nn.Module):
         self._method = None if forward_func is model else forward_func
 
     def forward(self, *args: object) -> Tensor:
-        return self.model(*args) if self._method is None else self._method(*args)
+        """The tensor to explain: every pass of every mode reads the outputs through here, so a
+        ``ModelOutput`` gives its logits and a tuple is refused as order 0 refuses it."""
+        outputs = self.model(*args) if self._method is None else self._method(*args)
+        return explained_output(outputs)
 
 
 def gradients_or_zeros(

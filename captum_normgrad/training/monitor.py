@@ -32,9 +32,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from captum_normgrad._core.capture import layer_name
+from captum_normgrad._core.layer_map import channel_norm
 from captum_normgrad._core.layouts import ReshapeTransform, resolve_layouts
 from captum_normgrad._core.pause import ignored_while_paused, is_paused, monitor_paused
-from captum_normgrad.normgrad import channel_norm
 
 __all__ = ["MonitoredStep", "NormGradMonitor", "monitor_paused"]
 

@@ -29,10 +29,22 @@ import torch.nn.functional as F
 from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
-from captum_normgrad._core.capture import capture_layers, check_each_ran_once
+from captum_normgrad._core.capture import (
+    LayerRecord,
+    capture_layers,
+    check_each_ran_once,
+    layer_gradients,
+)
+from captum_normgrad._core.front_door import (
+    check_grad_mode,
+    check_target,
+    checked_inputs,
+    explained_output,
+)
+from captum_normgrad._core.layer_map import channel_norm, laid_out
+from captum_normgrad._core.layouts import ReshapeTransform, resolve_layouts
 from captum_normgrad._core.pause import monitor_paused
 from captum_normgrad.losses import class_labels
-from captum_normgrad.normgrad import channel_norm
 from captum_normgrad.training.guided import GuidedSwitch, guided_relus
 
 __all__ = [
@@ -62,49 +74,65 @@ class SaliencyForward:
 class DifferentiableSaliency:
     """Template: run the model once, capture ``layer``, and compute the maps differentiably.
 
+    The inputs, the classes, the model's output and the layer's layout go through the same checks
+    as every ``LayerNormGrad`` method (a token layer of a ViT is laid out on its patch grid, a
+    layout that cannot be known is refused), so the maps are those methods' maps.
+
     Args:
-        model: the classifier, returning ``(N, num_classes)`` logits from one image batch.
+        model: the classifier, returning ``(N, num_classes)`` logits (or an output with
+            ``.logits``) from one image batch.
         layer: the module whose output the map is built from (it must run once per forward).
+        reshape_transform: as for :class:`~captum_normgrad.LayerNormGrad`.
     """
 
-    def __init__(self, model: nn.Module, layer: nn.Module) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: nn.Module,
+        reshape_transform: ReshapeTransform | None = None,
+    ) -> None:
         if not isinstance(model, nn.Module) or not isinstance(layer, nn.Module):
             raise TypeError("model and layer must be nn.Modules")
         if not any(module is layer for module in model.modules()):
             raise ValueError(f"{type(layer).__name__} layer is not a submodule of the model")
         self.model = model
         self.layer = layer
+        (self.layout,) = resolve_layouts(model, [layer], reshape_transform)
 
     def __call__(self, inputs: Tensor, classes: Tensor | None = None) -> SaliencyForward:
         """Forward ``inputs`` once and return the logits with the maps of ``classes``.
 
         Args:
-            inputs: an image batch ``(N, C, H, W)``.
+            inputs: an image batch ``(N, C, H, W)`` (or a tuple of tensors the model takes).
             classes: ``(N,)`` class indices to explain; ``None`` explains the prediction.
 
         Returns:
             A :class:`SaliencyForward`; backpropagating anything built from its maps trains the
             weights through the map (double backpropagation).
         """
-        if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
-            raise TypeError("inputs must be a floating-point tensor (N, C, H, W)")
-        if not torch.isfinite(inputs).all():
-            raise ValueError("inputs contain NaN or infinite values")
-        inputs = self._prepare_inputs(inputs)
+        check_grad_mode()
+        inputs = checked_inputs(inputs)
+        check_target(classes, inputs[0].shape[0])
+        inputs = tuple(self._prepare_inputs(x) for x in inputs)
         with (
             torch.enable_grad(),
             capture_layers(self.model, [self.layer], at_input=False) as records,
             self._hooks() as guide,
         ):
-            outputs = self.model(inputs)
+            outputs = explained_output(self.model(*inputs))
+            records.end_forward()
             check_each_ran_once(records)
-            if not isinstance(outputs, Tensor):
-                raise TypeError(f"the model returned {type(outputs).__name__}, not logits")
             labels = class_labels(outputs, classes)
             # The map's own gradients are not the training loss's: keep them out of any monitor.
             with monitor_paused():
-                maps = self._maps(records[0].activation, outputs, labels, inputs, guide)
+                maps = self._maps(records[0], outputs, labels, inputs[0], guide)
         return SaliencyForward(outputs, maps, labels)
+
+    def _laid_out(self, record: LayerRecord, score: Tensor) -> tuple[Tensor, Tensor]:
+        """The layer's activation and ``d score / d activation`` (with ``create_graph``), channels
+        first by the layer's layout, or a refusal naming the layer."""
+        layer_gradients(score, [record], create_graph=True, retain_graph=True)
+        return laid_out(self.layout, record.activation, record.gradient)
 
     def _prepare_inputs(self, inputs: Tensor) -> Tensor:
         """The inputs as the forward pass sees them (a variant may need their gradient)."""
@@ -116,7 +144,7 @@ class DifferentiableSaliency:
 
     def _maps(
         self,
-        activation: Tensor,
+        record: LayerRecord,
         outputs: Tensor,
         classes: Tensor,
         inputs: Tensor,
@@ -135,20 +163,18 @@ class DifferentiableGradCam(DifferentiableSaliency):
 
     def _maps(
         self,
-        activation: Tensor,
+        record: LayerRecord,
         outputs: Tensor,
         classes: Tensor,
         inputs: Tensor,
         guide: GuidedSwitch | None,
     ) -> Tensor:
+        activation, gradient = self._laid_out(record, _class_scores(outputs, classes))
         if activation.dim() < 3:
             raise ValueError(
                 f"Grad-CAM needs a layer with spatial dimensions, but its output has shape "
                 f"{tuple(activation.shape)}; choose a convolutional layer"
             )
-        (gradient,) = torch.autograd.grad(
-            _class_scores(outputs, classes), activation, create_graph=True, retain_graph=True
-        )
         spatial = tuple(range(2, activation.dim()))
         channel_weights = gradient.mean(dim=spatial, keepdim=True)
         return torch.relu((channel_weights * activation).sum(dim=1, keepdim=True))
@@ -170,13 +196,13 @@ class DifferentiableGuidedGradCam(DifferentiableGradCam):
 
     def _maps(
         self,
-        activation: Tensor,
+        record: LayerRecord,
         outputs: Tensor,
         classes: Tensor,
         inputs: Tensor,
         guide: GuidedSwitch | None,
     ) -> Tensor:
-        grad_cam = super()._maps(activation, outputs, classes, inputs, guide)
+        grad_cam = super()._maps(record, outputs, classes, inputs, guide)
         with guide.on():
             (guided,) = torch.autograd.grad(
                 _class_scores(outputs, classes), inputs, create_graph=True, retain_graph=True
@@ -195,12 +221,12 @@ class DifferentiableNormGrad(DifferentiableSaliency):
 
     def _maps(
         self,
-        activation: Tensor,
+        record: LayerRecord,
         outputs: Tensor,
         classes: Tensor,
         inputs: Tensor,
         guide: GuidedSwitch | None,
     ) -> Tensor:
         loss = F.cross_entropy(outputs, classes, reduction="sum")
-        (gradient,) = torch.autograd.grad(loss, activation, create_graph=True, retain_graph=True)
+        activation, gradient = self._laid_out(record, loss)
         return channel_norm(activation) * channel_norm(gradient)

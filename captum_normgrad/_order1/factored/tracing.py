@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from captum_normgrad._core.model_state import preserved_buffers
 from captum_normgrad._core.pause import is_ignored_while_paused
 from captum_normgrad._order1.factored.rules import RULES
 
@@ -197,7 +198,10 @@ def _node_refusal(node: fx.Node, model: nn.Module, calls: dict[str, int]) -> str
 
 def _graph_refusal(model: nn.Module) -> str | None:
     try:
-        graph = fx.symbolic_trace(model).graph
+        # The trace runs the forward on proxies: one that assigns (``self.ema = ...``) would leave
+        # a Proxy in the user's module, so every binding is restored after it, also on failure.
+        with preserved_buffers([model]):
+            graph = fx.symbolic_trace(model).graph
     except Exception as error:  # noqa: BLE001 - any tracing failure means "cannot tell"
         return f"torch.fx cannot trace its forward ({type(error).__name__}: {error})"
     calls: dict[str, int] = {}
