@@ -99,7 +99,7 @@ def worker(root: Path, out: Path) -> None:
     dataset = VOCDataset(root)
     start = time.perf_counter()
     evaluate_dataset(
-        model, dataset, methods, out, ["pointing"], preprocessing=Preprocessing(resize=224),
+        model, dataset, methods, out, ["pointing_game"], preprocessing=Preprocessing(resize=224),
         num_threads=1, progress=False,
     )  # fmt: skip
     total = time.perf_counter() - start

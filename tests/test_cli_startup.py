@@ -90,11 +90,3 @@ def test_unwritable_output_folders_are_refused_before_any_computation(
         assert line.startswith("captum-normgrad: error: ") and "--out" in line, line
         assert expected in line, line
         assert result.stdout == ""
-
-
-def test_the_data_metric_choices_are_the_evaluation_metrics():
-    """The parser spells them out to stay free of torch; they must be the runner's."""
-    from captum_normgrad.cli._evaluate_data_options import DATASET_METRIC_NAMES
-    from captum_normgrad.evaluation import DATASET_METRICS
-
-    assert DATASET_METRIC_NAMES == tuple(DATASET_METRICS)

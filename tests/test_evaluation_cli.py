@@ -26,7 +26,7 @@ def voc_run(tmp_path_factory) -> tuple[Path, list[str]]:
     arguments = [
         "evaluate", "--data", f"voc:{folder / 'voc'}", "--model", "squeezenet1_1",
         "--weights", str(weights), "--num-classes", "20", "--methods", "normgrad", "gradcam",
-        "--layers", "features.3", "features.12", "--metrics", "pointing", "deletion",
+        "--layers", "features.3", "features.12", "--metrics", "pointing_game", "deletion",
         "--steps", "2", "--image-size", "32", "--threads", "1",
     ]  # fmt: skip
     return folder, arguments
@@ -62,7 +62,7 @@ def test_a_limited_run_continues_to_the_same_files(voc_run, one_thread, capsys):
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--metrics", "pointing"], "--metrics apply to a data set: add --data"),
+        (["--metrics", "pointing_game"], "--metrics apply to a data set: add --data"),
         (["--data", "pascal:x"], "KIND one of voc, coco, folder"),
         (["--data", "voc:/nonexistent"], "does not exist"),
     ],

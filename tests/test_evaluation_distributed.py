@@ -15,7 +15,7 @@ from model_state import assert_model_unchanged, model_snapshot
 
 from captum_normgrad.evaluation import Preprocessing, VOCDataset, World, evaluate_dataset, shard
 
-METRICS = ["pointing", "localization", "deletion", "insertion"]
+METRICS = ["pointing_game", "localization", "deletion", "insertion"]
 TESTS = Path(__file__).parent
 
 _WORKER = """

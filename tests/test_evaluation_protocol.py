@@ -63,7 +63,7 @@ def test_pointing_game_protocol_by_hand(tmp_path, one_thread):
         dataset,
         {"peak": peak_method},
         tmp_path / "out",
-        ["pointing"],
+        ["pointing_game"],
         preprocessing=Preprocessing(resize=16),
         difficult_flags=flags,
         progress=False,
@@ -100,6 +100,6 @@ def test_a_folder_of_classes_has_no_ground_truth_to_point_at(tmp_path):
 
     (tmp_path / "cat").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "cat" / "0.png")
-    with pytest.raises(ValueError, match="use the deletion and insertion metrics only"):
+    with pytest.raises(ValueError, match="has no boxes or masks for pointing_game"):
         evaluate_dataset(voc_classifier(), ImageFolderDataset(tmp_path), {"peak": peak_method},
-                         tmp_path / "out", ["pointing"])  # fmt: skip
+                         tmp_path / "out", ["pointing_game"])  # fmt: skip

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from captum_normgrad.cli._errors import CliError
-from captum_normgrad.cli._evaluate_data_options import DATA_STEPS
+from captum_normgrad.cli._evaluate_data_options import DATA_METRICS, DATA_STEPS
 from captum_normgrad.cli._inputs import default_layer_names, probe_layers, resolve_layers
 from captum_normgrad.cli._methods import METHODS, build_method
 from captum_normgrad.cli._models import BUNDLED_MODEL, load_model
@@ -78,7 +78,7 @@ def run_on_data(args: argparse.Namespace, bundled_layers: Sequence[str]) -> int:
             dataset,
             methods,
             out,
-            args.metrics or ["pointing"],
+            args.metrics or DATA_METRICS,
             preprocessing=Preprocessing(
                 resize=args.image_size or 224,
                 crop=args.crop,

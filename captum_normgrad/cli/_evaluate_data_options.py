@@ -9,19 +9,20 @@ from __future__ import annotations
 import argparse
 
 from captum_normgrad._core.asset_names import BUNDLED_MODEL
+from captum_normgrad._core.metric_names import METRICS, check_metric_names
 from captum_normgrad.cli._errors import CliError
 from captum_normgrad.cli._options import positive_int
 
 __all__ = [
-    "DATASET_METRIC_NAMES",
+    "DATA_METRICS",
     "DATA_STEPS",
     "add_data_options",
+    "check_data_metrics",
     "check_no_data_options",
 ]
 
-# The keys of captum_normgrad.evaluation.DATASET_METRICS (a test checks they agree); spelled out
-# here because importing the evaluation package imports torch.
-DATASET_METRIC_NAMES = ("pointing", "localization", "deletion", "insertion")
+DATA_METRICS = ["pointing_game"]
+"""What ``--metrics`` is by default on a data set (TorchRay's benchmark)."""
 
 DATA_STEPS = 50
 """Deletion / insertion steps on a data set by default (RISE's protocol)."""
@@ -33,6 +34,9 @@ _DATA_ONLY = (
 )  # fmt: skip
 
 
+_GROUND_TRUTH_METRICS = [name for name, metric in METRICS.items() if metric.needs_ground_truth]
+
+
 def add_data_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``evaluate`` that take a data set instead of the bundled photos."""
     group = parser.add_argument_group("a data set instead of the bundled photos")
@@ -40,7 +44,7 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
         "--data",
         metavar="KIND:PATH",
         help="voc:VOCdevkit/VOC2007, coco:PATH (annotations/ and the split's image folder) or "
-        "folder:PATH (a folder per class; deletion and insertion only)",
+        f"folder:PATH (a folder per class; no {' or '.join(_GROUND_TRUTH_METRICS)})",
     )
     group.add_argument("--split", help="VOC image list (default test), COCO split (val2014)")
     group.add_argument(
@@ -51,9 +55,9 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--metrics",
         nargs="+",
-        choices=list(DATASET_METRIC_NAMES),
+        choices=list(METRICS),
         metavar="METRIC",
-        help=f"any of {' '.join(DATASET_METRIC_NAMES)} (default: pointing)",
+        help=f"any of {' '.join(METRICS)} (default: {' '.join(DATA_METRICS)})",
     )
     group.add_argument(
         "--image-size", type=positive_int, help="shorter side after resizing (default: 224)"
@@ -89,3 +93,11 @@ def check_no_data_options(args: argparse.Namespace) -> None:
             f"{' '.join(given)} apply to a data set: add --data KIND:PATH (without it, evaluate "
             "uses the bundled photos)"
         )
+
+
+def check_data_metrics(args: argparse.Namespace) -> None:
+    """Refuse a repeated ``--metrics`` name before torch is imported (argparse checks each one)."""
+    try:
+        check_metric_names(args.metrics or DATA_METRICS)
+    except ValueError as error:
+        raise CliError(f"--metrics: {error}") from error

@@ -13,6 +13,7 @@ import argparse
 from captum_normgrad.cli._evaluate_data_options import (
     DATA_STEPS,
     add_data_options,
+    check_data_metrics,
     check_no_data_options,
 )
 from captum_normgrad.cli._options import add_common_options, positive_int
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = check_output_folder(args.out)  # before any computation
     if args.data is not None:
+        check_data_metrics(args)
         from captum_normgrad.cli._evaluate_data import run_on_data
 
         return run_on_data(args, EVALUATE_LAYERS)

@@ -25,7 +25,7 @@ from captum_normgrad.evaluation.protocol import (
     pointing_hits,
     read_difficult_flags,
 )
-from captum_normgrad.evaluation.runner import DATASET_METRICS, evaluate_dataset
+from captum_normgrad.evaluation.runner import evaluate_dataset
 from captum_normgrad.evaluation.spec import DATASET_KINDS, open_dataset
 from captum_normgrad.evaluation.store import ResultsStore
 from captum_normgrad.evaluation.summary import summarize
@@ -33,7 +33,6 @@ from captum_normgrad.evaluation.voc import VOC_CLASSES, VOCDataset
 
 __all__ = [
     "DATASET_KINDS",
-    "DATASET_METRICS",
     "VOC_CLASSES",
     "Annotation",
     "COCODataset",

@@ -1,4 +1,4 @@
-"""A folder per class (torchvision's ``ImageFolder`` layout), no boxes: faithfulness metrics only.
+"""A folder per class (torchvision's ``ImageFolder`` layout), no boxes: no pointing game or localization.
 
 Classes are the sub-folders in sorted order, so ``ImageNet val`` arranged by synset gives the
 standard ImageNet indices.

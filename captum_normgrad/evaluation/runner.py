@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,11 @@ from captum_normgrad._core.methods import (
     call_method,
     declared_layers,
     method_layer_names,
+)
+from captum_normgrad._core.metric_names import (
+    DIFFICULT_POINTING_COLUMN,
+    METRICS,
+    check_metric_names,
 )
 from captum_normgrad._core.model_state import preserved_buffers
 from captum_normgrad._core.scores import Score
@@ -41,23 +46,18 @@ from captum_normgrad.evaluation.summary import save_curves_figure, summarize
 from captum_normgrad.metrics import (
     MetricsTable,
     area_under_curve,
+    class_selectivity,
+    confidence_drop,
+    confidence_increase,
+    contrast_classes,
     deletion_curve,
+    explanation_scores,
     insertion_curve,
+    localization_hits,
     localization_iou,
 )
 
-__all__ = ["DATASET_METRICS", "evaluate_dataset"]
-
-DATASET_METRICS: dict[str, tuple[str, ...]] = {
-    "pointing": ("pointing_game",),
-    "localization": ("localization_iou",),
-    "deletion": ("deletion_auc", "deletion_curve"),
-    "insertion": ("insertion_auc", "insertion_curve"),
-}
-"""The metrics :func:`evaluate_dataset` accepts, and the per-example columns each one fills
-(``pointing`` adds ``pointing_game_difficult`` when a difficult-subset file is given)."""
-
-_NEEDS_GROUND_TRUTH = {"pointing", "localization"}
+__all__ = ["evaluate_dataset"]
 
 
 @contextmanager
@@ -72,12 +72,20 @@ def _threads(count: int | None):
 
 
 def _columns(metrics: Sequence[str], difficult: bool) -> list[str]:
+    """The per-example columns: each metric's values, then its curve, as the registry names them."""
     columns = []
     for name in metrics:
-        columns += DATASET_METRICS[name]
-        if name == "pointing" and difficult:
-            columns.append("pointing_game_difficult")
+        metric = METRICS[name]
+        columns += metric.columns
+        if metric.curve is not None:
+            columns.append(metric.curve)
+        if name == "pointing_game" and difficult:
+            columns.append(DIFFICULT_POINTING_COLUMN)
     return columns
+
+
+def _needs_ground_truth(metrics: Sequence[str]) -> bool:
+    return any(METRICS[name].needs_ground_truth for name in metrics)
 
 
 def _check_outputs(model: nn.Module, inputs: Tensor, num_classes: int) -> None:
@@ -132,18 +140,28 @@ class _ImageEvaluator:
         batch = inputs.expand(len(classes), -1, -1, -1).contiguous()
         targets = torch.tensor(classes, device=inputs.device)
         masks = None
-        if _NEEDS_GROUND_TRUTH & set(self.metrics):
+        if _needs_ground_truth(self.metrics):
             masks = torch.stack([self.dataset.class_mask(example, c, size) for c in classes])
+        if "selectivity" in self.metrics:
+            with torch.no_grad(), preserved_buffers([self.model]):
+                outputs = self.model(batch)
+            others = contrast_classes(outputs, targets, self.options["contrast"])
         rows = []
         for method_name in pending:
             method, kwargs = self.methods[method_name]
             maps = call_method(method, batch, targets, kwargs)
+            other_maps = None
+            if "selectivity" in self.metrics:
+                other_maps = call_method(method, batch, others, kwargs)
             layers = method_layer_names(method, self.model, len(maps))
             self.layer_names[method_name] = layers
-            for layer, layer_map in zip(layers, maps):
+            for index, (layer, layer_map) in enumerate(zip(layers, maps)):
                 values = self._metric_values(
                     example, classes, batch, targets, layer_map, masks, region, size
                 )
+                if other_maps is not None:
+                    selectivity = class_selectivity(layer_map, other_maps[index])
+                    values["selectivity"] = selectivity.double().cpu().tolist()
                 for position, name in enumerate(names):
                     key = (example.image_id, name, method_name, layer)
                     if key not in done:
@@ -163,11 +181,11 @@ class _ImageEvaluator:
         original = None
         if masks is not None:
             original = maps_at_original_size(layer_map.cpu(), region, size)
-        if "pointing" in self.metrics:
+        if "pointing_game" in self.metrics:
             hits = pointing_hits(original, masks, self.options["tolerance"])
             values["pointing_game"] = hits.tolist()
             if self.flags is not None:
-                values["pointing_game_difficult"] = [
+                values[DIFFICULT_POINTING_COLUMN] = [
                     hit if in_difficult_subset(self.flags, example.image_id, c) else float("nan")
                     for hit, c in zip(hits.tolist(), classes)
                 ]
@@ -178,6 +196,16 @@ class _ImageEvaluator:
             ]
             ious = localization_iou(original, boxes, size, self.options["threshold"])
             values["localization_iou"] = ious.double().tolist()
+            values["localization_accuracy"] = localization_hits(ious).double().tolist()
+        if "confidence" in self.metrics:
+            original_scores, explained = explanation_scores(
+                self.model, batch, layer_map, targets,
+                chunk_size=self.options["chunk_size"], score=self.options["score"],
+            )  # fmt: skip
+            drop = confidence_drop(original_scores, explained)
+            values["average_drop"] = drop.double().cpu().tolist()
+            increase = confidence_increase(original_scores, explained)
+            values["increase_in_confidence"] = increase.double().cpu().tolist()
         for name, curve_function in (("deletion", deletion_curve), ("insertion", insertion_curve)):
             if name in self.metrics:
                 curves = curve_function(
@@ -194,7 +222,7 @@ def evaluate_dataset(
     dataset: EvaluationDataset,
     methods: Mapping[str, Method | tuple[Method, Mapping[str, Any]]],
     out: str | os.PathLike,
-    metrics: Sequence[str] = ("pointing",),
+    metrics: Sequence[str] = ("pointing_game",),
     *,
     preprocessing: Preprocessing | None = None,
     n_steps: int = 50,
@@ -203,6 +231,7 @@ def evaluate_dataset(
     difficult_flags: str | os.PathLike | None = None,
     chunk_size: int = 64,
     score: Score = "probability",
+    contrast: Literal["second", "last"] = "second",
     device: str | torch.device | None = None,
     num_threads: int | None = None,
     limit: int | None = None,
@@ -224,17 +253,20 @@ def evaluate_dataset(
             GPU ``LOCAL_RANK``); it is left as it was. Its output ``k`` must be the data set's
             class ``k``.
         dataset: a :class:`~captum_normgrad.evaluation.VOCDataset`, ``COCODataset`` or
-            ``ImageFolderDataset`` (the latter has no ground truth: deletion / insertion only).
+            ``ImageFolderDataset`` (the latter has no ground truth: no pointing game or localization).
         methods: display name -> a Captum-style method (``.attribute(inputs, target=...)``) or a
             ``(method, attribute_kwargs)`` pair, as in
             :func:`captum_normgrad.metrics.evaluate_attributions`. A method returning one map per
             layer gives one row per layer. Input methods (``IntegratedGradients``...) must return
             ``(N, 1, H, W)``: wrap them to reduce the channels.
         out: the output folder, shared by all processes.
-        metrics: any of :data:`DATASET_METRICS`: ``pointing`` (TorchRay's pointing game, see
-            :mod:`~captum_normgrad.evaluation.protocol`), ``localization`` (IoU of the
-            thresholded map's box with the class's boxes), ``deletion`` and ``insertion`` (RISE's
-            curves at the model's input, with their areas).
+        metrics: any of :data:`captum_normgrad.metrics.METRICS`, whose columns it fills:
+            ``pointing_game`` (TorchRay's, see :mod:`~captum_normgrad.evaluation.protocol`),
+            ``localization`` (IoU of the thresholded map's box with the class's boxes, and
+            accuracy at IoU >= 0.5), ``deletion`` and ``insertion`` (RISE's curves at the model's
+            input, with their areas), ``confidence`` (average drop and increase in confidence)
+            and ``selectivity`` (rank correlation with the map for the ``contrast`` class), as in
+            :func:`captum_normgrad.metrics.evaluate_attributions`.
         preprocessing: resize / crop / normalisation (default: TorchRay's, shorter side 224, no
             crop, ImageNet statistics).
         n_steps: deletion / insertion steps.
@@ -242,7 +274,9 @@ def evaluate_dataset(
         threshold: localization threshold, a fraction of the map's range.
         difficult_flags: a TorchRay difficult-subset file; adds ``pointing_game_difficult``.
         chunk_size: perturbed images per forward pass.
-        score: ``"probability"``, ``"output"`` or a callable (deletion / insertion).
+        score: ``"probability"``, ``"output"`` or a callable (deletion / insertion, confidence).
+        contrast: the other class for selectivity: ``"second"`` (the best-scoring other class) or
+            ``"last"`` (the worst-scoring).
         device: where the inputs go (default: CUDA when available; GPU ``LOCAL_RANK`` under
             torchrun).
         num_threads: intra-op threads per process while the run lasts. Per-example results are
@@ -262,16 +296,16 @@ def evaluate_dataset(
             folder holding another configuration's results, a model whose outputs do not match
             the classes, unreadable images or annotations.
     """
-    unknown = [name for name in metrics if name not in DATASET_METRICS]
-    if unknown or not metrics or len(set(metrics)) != len(metrics):
+    check_metric_names(metrics)
+    if not dataset.has_ground_truth and _needs_ground_truth(metrics):
+        needing = [name for name in metrics if METRICS[name].needs_ground_truth]
+        usable = [name for name in METRICS if not METRICS[name].needs_ground_truth]
         raise ValueError(
-            f"metrics must be distinct names from {list(DATASET_METRICS)}, got {list(metrics)}"
+            f"{type(dataset).__name__} has no boxes or masks for {', '.join(needing)}: use "
+            f"metrics from {usable} only"
         )
-    if not dataset.has_ground_truth and _NEEDS_GROUND_TRUTH & set(metrics):
-        raise ValueError(
-            f"{type(dataset).__name__} has no boxes or masks: use the deletion and insertion "
-            "metrics only"
-        )
+    if contrast not in ("second", "last"):
+        raise ValueError(f"contrast must be 'second' or 'last', got {contrast!r}")
     if not methods:
         raise ValueError("give at least one method")
     if limit is not None and limit < 1:
@@ -285,8 +319,10 @@ def evaluate_dataset(
     preprocessing = preprocessing or Preprocessing()
     flags = None
     if difficult_flags is not None:
-        if "pointing" not in metrics:
-            raise ValueError("difficult_flags selects pointing-game pairs: add the pointing metric")
+        if "pointing_game" not in metrics:
+            raise ValueError(
+                "difficult_flags selects pointing-game pairs: add the pointing_game metric"
+            )
         flags = read_difficult_flags(difficult_flags, len(dataset.classes))
     out = Path(out)
     columns = _columns(metrics, flags is not None)
@@ -295,6 +331,7 @@ def evaluate_dataset(
         "classes": list(dataset.classes),
         "methods": list(methods),
         "metrics": list(metrics),
+        "columns": columns,
         "preprocessing": {
             "resize": preprocessing.resize,
             "crop": preprocessing.crop,
@@ -302,8 +339,9 @@ def evaluate_dataset(
             "std": list(preprocessing.std),
             "antialias": preprocessing.antialias,
         },
-        "n_steps": n_steps if {"deletion", "insertion"} & set(metrics) else None,
+        "n_steps": n_steps if any(METRICS[name].curve for name in metrics) else None,
         "score": score if isinstance(score, str) else repr(score),
+        "contrast": contrast if "selectivity" in metrics else None,
         "tolerance": tolerance,
         "threshold": threshold,
         "difficult_flags": None if difficult_flags is None else str(difficult_flags),
@@ -316,6 +354,7 @@ def evaluate_dataset(
         "n_steps": n_steps,
         "chunk_size": chunk_size,
         "score": score,
+        "contrast": contrast,
     }
     count = len(dataset) if limit is None else min(limit, len(dataset))
     with process_group(device) as world, _threads(num_threads):

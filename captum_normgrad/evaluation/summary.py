@@ -9,14 +9,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from captum_normgrad._core.metric_names import CURVE_COLUMNS, PER_CLASS_COLUMNS
 from captum_normgrad.evaluation.store import Row
 from captum_normgrad.figures import plot_deletion_insertion, save_figure
 from captum_normgrad.metrics import MetricsTable, pointing_game_accuracy
 
-__all__ = ["CURVE_COLUMNS", "save_curves_figure", "summarize"]
-
-CURVE_COLUMNS = ("deletion_curve", "insertion_curve")
-_PER_CLASS = {"pointing_game", "pointing_game_difficult"}
+__all__ = ["save_curves_figure", "summarize"]
 
 
 def _floats(rows: Sequence[Row], column: str) -> Tensor:
@@ -28,7 +26,7 @@ def _mean(rows: Sequence[Row], column: str) -> float:
     evaluated = ~torch.isnan(values)
     if not evaluated.any():
         return math.nan
-    if column in _PER_CLASS:
+    if column in PER_CLASS_COLUMNS:
         names = [row["class"] for row in rows]
         index = {name: position for position, name in enumerate(sorted(set(names)))}
         classes = torch.tensor([index[name] for name in names])

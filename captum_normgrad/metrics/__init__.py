@@ -16,9 +16,12 @@ metric                     what it measures                                     
 ``class_selectivity``      rank correlation of the maps for two classes             lower
 =========================  ======================================================  ==========
 
-:func:`evaluate_attributions` runs several methods over a data loader into a :class:`MetricsTable`.
+:func:`evaluate_attributions` runs several methods over a data loader into a :class:`MetricsTable`;
+:data:`METRICS` names the metrics it (and :func:`captum_normgrad.evaluation.evaluate_dataset`)
+accepts, with the columns each one fills.
 """
 
+from captum_normgrad._core.metric_names import LOWER_IS_BETTER, METRICS, Metric
 from captum_normgrad.metrics.captum_adapter import input_shaped_explanation, to_input_shape
 from captum_normgrad.metrics.confidence import (
     confidence_drop,
@@ -35,27 +38,35 @@ from captum_normgrad.metrics.deletion import (
 )
 from captum_normgrad.metrics.localization import (
     localization_accuracy,
+    localization_hits,
     localization_iou,
     saliency_boxes,
 )
 from captum_normgrad.metrics.pointing import map_maxima, pointing_game, pointing_game_accuracy
-from captum_normgrad.metrics.runner import METRICS, evaluate_attributions
+from captum_normgrad.metrics.runner import evaluate_attributions
 from captum_normgrad.metrics.sanity import (
     RandomizationResult,
     model_randomization,
     randomizable_layers,
 )
-from captum_normgrad.metrics.similarity import class_selectivity, map_ssim, spearman_correlation
-from captum_normgrad.metrics.table import LOWER_IS_BETTER, MetricsTable
+from captum_normgrad.metrics.similarity import (
+    class_selectivity,
+    contrast_classes,
+    map_ssim,
+    spearman_correlation,
+)
+from captum_normgrad.metrics.table import MetricsTable
 
 __all__ = [
     "LOWER_IS_BETTER",
     "METRICS",
+    "Metric",
     "MetricsTable",
     "RandomizationResult",
     "area_under_curve",
     "class_selectivity",
     "confidence_drop",
+    "contrast_classes",
     "confidence_increase",
     "deletion_auc",
     "deletion_curve",
@@ -65,6 +76,7 @@ __all__ = [
     "insertion_auc",
     "insertion_curve",
     "localization_accuracy",
+    "localization_hits",
     "localization_iou",
     "map_maxima",
     "map_ssim",

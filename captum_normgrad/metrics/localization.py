@@ -22,7 +22,7 @@ from captum_normgrad.combine import normalize_per_example
 from captum_normgrad.metrics._checks import image_maps, image_size_of
 from captum_normgrad.metrics._ground_truth import Boxes, example_boxes
 
-__all__ = ["localization_accuracy", "localization_iou", "saliency_boxes"]
+__all__ = ["localization_accuracy", "localization_hits", "localization_iou", "saliency_boxes"]
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -94,9 +94,17 @@ def localization_iou(
     return ious.to(device=maps.device, dtype=dtype)
 
 
+def localization_hits(ious: Tensor, min_iou: float = 0.5) -> Tensor:
+    """Per example, 1 where the IoU reaches ``min_iou``, else 0; ``NaN`` (skipped) stays ``NaN``.
+
+    An example without ground truth is skipped, not a miss: ``NaN >= 0.5`` would read as a miss.
+    """
+    return torch.where(ious.isnan(), ious, (ious >= min_iou).to(ious.dtype))
+
+
 def localization_accuracy(ious: Tensor, min_iou: float = 0.5) -> Tensor:
     """The fraction of evaluated examples (``NaN`` = skipped) whose IoU reaches ``min_iou``."""
     evaluated = ~torch.isnan(ious)
     if not evaluated.any():
         raise ValueError("no example has ground-truth boxes; localization accuracy is undefined")
-    return (ious[evaluated] >= min_iou).to(ious.dtype).mean()
+    return localization_hits(ious[evaluated], min_iou).mean()

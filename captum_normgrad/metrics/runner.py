@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from captum_normgrad._core.methods import Method, call_method, method_layer_names
+from captum_normgrad._core.metric_names import METRICS, PER_CLASS_COLUMNS, check_metric_names
 from captum_normgrad._core.model_state import preserved_buffers
 from captum_normgrad._core.scores import Score
 from captum_normgrad.metrics.confidence import (
@@ -24,24 +25,12 @@ from captum_normgrad.metrics.confidence import (
     explanation_scores,
 )
 from captum_normgrad.metrics.deletion import deletion_auc, insertion_auc
-from captum_normgrad.metrics.localization import localization_iou
+from captum_normgrad.metrics.localization import localization_hits, localization_iou
 from captum_normgrad.metrics.pointing import pointing_game, pointing_game_accuracy
-from captum_normgrad.metrics.similarity import class_selectivity
+from captum_normgrad.metrics.similarity import class_selectivity, contrast_classes
 from captum_normgrad.metrics.table import MetricsTable
 
-__all__ = ["METRICS", "evaluate_attributions"]
-
-METRICS: dict[str, tuple[str, ...]] = {
-    "deletion": ("deletion_auc",),
-    "insertion": ("insertion_auc",),
-    "confidence": ("average_drop", "increase_in_confidence"),
-    "pointing_game": ("pointing_game",),
-    "localization": ("localization_iou", "localization_accuracy"),
-    "selectivity": ("selectivity",),
-}
-"""The metric names the runner accepts, and the table columns each one fills."""
-
-_NEEDS_GROUND_TRUTH = {"pointing_game", "localization"}
+__all__ = ["evaluate_attributions"]
 
 
 def _split_batch(batch: object, needs_ground_truth: bool) -> tuple[Tensor, Tensor, Any]:
@@ -57,16 +46,6 @@ def _split_batch(batch: object, needs_ground_truth: bool) -> tuple[Tensor, Tenso
             "the pointing game and localization need batches (images, labels, ground_truth)"
         )
     return images, labels, ground_truth
-
-
-def _contrast_classes(outputs: Tensor, targets: Tensor, contrast: str) -> Tensor:
-    """The other class for selectivity: the best-scoring other class, or the worst-scoring one."""
-    scores = outputs.detach().clone().float()
-    if contrast == "second":
-        scores.scatter_(1, targets[:, None], -torch.inf)
-        return scores.argmax(dim=1)
-    scores.scatter_(1, targets[:, None], torch.inf)
-    return scores.argmin(dim=1)
 
 
 def _metric_values(
@@ -100,15 +79,12 @@ def _metric_values(
         }
     if name == "localization":
         ious = localization_iou(maps, ground_truth, images.shape[-2:], options["threshold"])
-        # An example without ground truth is NaN in both columns (skipped, as in
-        # localization_accuracy()), not a miss: NaN >= 0.5 would read as False.
-        hits = torch.where(ious.isnan(), ious, (ious >= 0.5).to(ious.dtype))
-        return {"localization_iou": ious, "localization_accuracy": hits}
+        return {"localization_iou": ious, "localization_accuracy": localization_hits(ious)}
     raise AssertionError(name)
 
 
 def _mean(column: str, values: Tensor, classes: Tensor) -> float:
-    if column == "pointing_game":
+    if column in PER_CLASS_COLUMNS:
         return float(pointing_game_accuracy(values, classes))
     return float(values.double().mean())
 
@@ -139,11 +115,11 @@ def evaluate_attributions(
             A method returning one map per layer gives one row per layer.
         loader: yields ``(images, labels)`` or ``(images, labels, ground_truth)``, ``ground_truth``
             being boxes (per example a ``(K, 4)`` tensor or ``None``) or ``(N, H, W)`` masks.
-        metrics: any of :data:`METRICS`: ``"deletion"`` (AUC, lower better), ``"insertion"`` (AUC,
-            higher better), ``"confidence"`` (average drop, lower better; increase in confidence,
-            higher better), ``"pointing_game"`` (per-class accuracy), ``"localization"`` (IoU and
-            accuracy at IoU >= 0.5), ``"selectivity"`` (rank correlation with the map for the
-            ``contrast`` class, lower better).
+        metrics: any of :data:`~captum_normgrad.metrics.METRICS`: ``"deletion"`` (AUC, lower
+            better), ``"insertion"`` (AUC, higher better), ``"confidence"`` (average drop, lower
+            better; increase in confidence, higher better), ``"pointing_game"`` (per-class
+            accuracy), ``"localization"`` (IoU and accuracy at IoU >= 0.5), ``"selectivity"``
+            (rank correlation with the map for the ``contrast`` class, lower better).
         target: explain the loader's label or the model's top-1 prediction.
         ground_truth: what the batches' third element holds.
         n_steps: deletion / insertion steps.
@@ -168,11 +144,7 @@ def evaluate_attributions(
         ValueError: an unknown metric, a batch without ground truth for a metric that needs it, no
             example that every metric could score, or any metric's own input errors.
     """
-    unknown = [name for name in metrics if name not in METRICS]
-    if unknown or not metrics or len(set(metrics)) != len(metrics):
-        raise ValueError(
-            f"metrics must be distinct names from {list(METRICS)}, got {list(metrics)}"
-        )
+    check_metric_names(metrics)
     if target not in ("label", "predicted"):
         raise ValueError(f"target must be 'label' or 'predicted', got {target!r}")
     if contrast not in ("second", "last"):
@@ -193,8 +165,8 @@ def evaluate_attributions(
         "threshold": threshold,
     }
     needs_outputs = target == "predicted" or "selectivity" in metrics
-    needs_ground_truth = bool(_NEEDS_GROUND_TRUTH & set(metrics))
-    columns = [column for name in metrics for column in METRICS[name]]
+    needs_ground_truth = any(METRICS[name].needs_ground_truth for name in metrics)
+    columns = [column for name in metrics for column in METRICS[name].columns]
     values: dict[tuple[str, str], dict[str, list[Tensor]]] = {}
     classes: list[Tensor] = []
     total = len(loader) if hasattr(loader, "__len__") else None
@@ -212,7 +184,7 @@ def evaluate_attributions(
             maps = call_method(method, images, targets, kwargs)
             if "selectivity" in metrics:
                 others = call_method(
-                    method, images, _contrast_classes(outputs, targets, contrast), kwargs
+                    method, images, contrast_classes(outputs, targets, contrast), kwargs
                 )
             for index, (layer, layer_map) in enumerate(
                 zip(method_layer_names(method, model, len(maps)), maps)

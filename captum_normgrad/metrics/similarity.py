@@ -17,7 +17,7 @@ from torch import Tensor
 
 from captum_normgrad.combine import normalize_per_example
 
-__all__ = ["class_selectivity", "map_ssim", "spearman_correlation"]
+__all__ = ["class_selectivity", "contrast_classes", "map_ssim", "spearman_correlation"]
 
 
 def _paired(first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,3 +120,25 @@ def class_selectivity(maps: Tensor, other_maps: Tensor) -> Tensor:
         ``(N,)`` Spearman correlations in ``[-1, 1]``.
     """
     return spearman_correlation(maps, other_maps)
+
+
+def contrast_classes(outputs: Tensor, targets: Tensor, contrast: str = "second") -> Tensor:
+    """The other class whose maps :func:`class_selectivity` compares with the target's.
+
+    Args:
+        outputs: ``(N, classes)`` model outputs.
+        targets: ``(N,)`` the explained classes.
+        contrast: ``"second"`` (the best-scoring other class: the hardest to tell apart) or
+            ``"last"`` (the worst-scoring class).
+
+    Returns:
+        ``(N,)`` class indices, never the target.
+    """
+    if contrast not in ("second", "last"):
+        raise ValueError(f"contrast must be 'second' or 'last', got {contrast!r}")
+    scores = outputs.detach().clone().float()
+    if contrast == "second":
+        scores.scatter_(1, targets[:, None], -torch.inf)
+        return scores.argmax(dim=1)
+    scores.scatter_(1, targets[:, None], torch.inf)
+    return scores.argmin(dim=1)

@@ -7,10 +7,9 @@ import math
 import os
 from dataclasses import dataclass, field
 
-__all__ = ["LOWER_IS_BETTER", "MetricsTable"]
+from captum_normgrad._core.metric_names import LOWER_IS_BETTER
 
-LOWER_IS_BETTER = frozenset({"deletion_auc", "average_drop", "selectivity"})
-"""Columns where a smaller number means a better map; every other metric column is higher-better."""
+__all__ = ["MetricsTable"]
 
 _KEY_COLUMNS = ("method", "layer", "examples")
 
