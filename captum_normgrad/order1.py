@@ -69,6 +69,7 @@ from captum_normgrad._order1.plan import (
     FACTORED_CHUNK_BYTES,
     FACTORED_EXAMPLE_BYTES,
     BatchMode,
+    Order1Settings,
     balanced_chunks,
     choose_batch_mode,
     layer_bytes_per_example,
@@ -287,9 +288,11 @@ class LayerNormGradOrder1(LayerNormGrad):
             additional_forward_args,
             attribute_to_layer_input,
             loss,
-            learning_rate=self._inner_learning_rate(float(eps)),
-            h_scale=float(h_scale),
-            exact_hvp=hvp == "exact",
+            Order1Settings(
+                learning_rate=self._inner_learning_rate(float(eps)),
+                h_scale=float(h_scale),
+                exact_hvp=hvp == "exact",
+            ),
             batch_mode=batch_mode,
             chunk_size=chunk_size,
         )
@@ -334,10 +337,8 @@ class LayerNormGradOrder1(LayerNormGrad):
         additional_forward_args: object,
         attribute_to_layer_input: bool,
         loss: LossSpec,
+        settings: Order1Settings,
         *,
-        learning_rate: float,
-        h_scale: float,
-        exact_hvp: bool,
         batch_mode: BatchMode,
         chunk_size: int | None,
     ) -> list[LayerRecord]:
@@ -389,7 +390,6 @@ class LayerNormGradOrder1(LayerNormGrad):
             vmap_refusal=None if hooked is None else f"module '{hooked}' has a full backward hook",
         )
         buffers = {name: b.detach() for name, b in caller.named_buffers()}
-        settings = {"learning_rate": learning_rate, "h_scale": h_scale, "exact_hvp": exact_hvp}
         # The passes are not training steps: any NormGradMonitor on the model ignores them.
         with (
             # A forward that rebinds its buffers (self.ema = ...) is undone, as for order 0.
@@ -398,7 +398,7 @@ class LayerNormGradOrder1(LayerNormGrad):
             monitor_paused(),
             torch.enable_grad(),
             # The fused attention kernels have no vmap rule and no second derivative.
-            differentiable_attention(exact_hvp or mode == "vmap"),
+            differentiable_attention(settings.exact_hvp or mode == "vmap"),
         ):
             if mode == "factored":
                 try:
@@ -523,7 +523,7 @@ class LayerNormGradOrder1(LayerNormGrad):
         loss: LossSpec,
         caller: ForwardCaller,
         chunk_size: int,
-        settings: dict,
+        settings: Order1Settings,
     ) -> list[LayerRecord]:
         """Chunks of examples, each pass one batched forward and backward; pass 1's forward at
         ``theta`` resolves and checks the labels."""
@@ -556,7 +556,7 @@ class LayerNormGradOrder1(LayerNormGrad):
                 chunk_activations, chunk_corrected = passes.chunk_terms(
                     slice_examples(inputs, args, per_example, start, stop),
                     resolve(start, stop),
-                    **settings,
+                    settings,
                 )
                 activations.append(chunk_activations)
                 corrected.append(chunk_corrected)
@@ -574,7 +574,7 @@ class LayerNormGradOrder1(LayerNormGrad):
         caller: ForwardCaller,
         theta: dict[str, Tensor],
         buffers: dict[str, Tensor],
-        settings: dict,
+        settings: Order1Settings,
     ) -> list[LayerRecord]:
         """The passes one example at a time; pass 1's forward at ``theta`` also resolves and checks
         the labels (no separate forward of the batch)."""
@@ -612,7 +612,7 @@ class LayerNormGradOrder1(LayerNormGrad):
                 example_activations, example_corrected = passes.example_terms(
                     slice_examples(inputs, args, per_example, index, index + 1),
                     resolve(index),
-                    **settings,
+                    settings,
                 )
                 activations.append(example_activations)
                 corrected.append(example_corrected)
@@ -631,7 +631,7 @@ class LayerNormGradOrder1(LayerNormGrad):
         theta: dict[str, Tensor],
         buffers: dict[str, Tensor],
         chunk_size: int,
-        settings: dict,
+        settings: Order1Settings,
     ) -> list[LayerRecord]:
         """Chunks of examples through ``torch.func.vmap``, after one forward of the batch that
         resolves the labels."""
@@ -653,7 +653,7 @@ class LayerNormGradOrder1(LayerNormGrad):
         zeros = [
             record.activation.new_zeros((1, *record.activation.shape[1:])) for record in records
         ]
-        activations, corrected = run_vmapped(loss_fn, theta, zeros, batch, chunk_size, **settings)
+        activations, corrected = run_vmapped(loss_fn, theta, zeros, batch, chunk_size, settings)
         for record, activation, gradient in zip(records, activations, corrected):
             record.activation = activation
             record.gradient = gradient

@@ -12,6 +12,7 @@ ways to run it give the same maps:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -26,12 +27,31 @@ __all__ = [
     "FACTORED_EXAMPLE_BYTES",
     "PARAMETER_COPIES_PER_EXAMPLE",
     "BatchMode",
+    "Order1Settings",
     "balanced_chunks",
     "choose_batch_mode",
     "layer_bytes_per_example",
 ]
 
 BatchMode = Literal["auto", "factored", "loop", "vmap"]
+
+
+@dataclass(frozen=True)
+class Order1Settings:
+    """What every pass of one call reads, the same for each mode.
+
+    Attributes:
+        learning_rate: the inner step, ``theta' = theta - learning_rate * grad l(theta)``; ``eps``
+            for order 1, ``-eps`` for the adversarial map.
+        h_scale: the finite difference's step is ``h = h_scale / ||grad l(theta')||_2``.
+        exact_hvp: take ``H(theta) v`` exactly (a double backward, or forward-over-reverse under
+            vmap) instead of by the central difference.
+    """
+
+    learning_rate: float
+    h_scale: float
+    exact_hvp: bool
+
 
 # The factored passes keep each layer's input and output gradient per example and run a chunk as
 # one batch. Measured with 2 CPU threads at batch 4 (layer bytes per example, time / the loop's):

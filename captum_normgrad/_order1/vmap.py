@@ -24,7 +24,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from captum_normgrad._order1.autograd import ForwardCaller, Parameters, step_size
 from captum_normgrad._order1.examples import is_per_example
-from captum_normgrad._order1.plan import balanced_chunks
+from captum_normgrad._order1.plan import Order1Settings, balanced_chunks
 
 __all__ = [
     "PER_EXAMPLE",
@@ -139,9 +139,7 @@ def example_terms(
     theta: Parameters,
     zeros: Sequence[Tensor],
     example: dict,
-    learning_rate: float,
-    h_scale: float,
-    exact_hvp: bool,
+    settings: Order1Settings,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """For one example: ``x(theta')`` and ``g(theta') - lr * H(theta) v`` at each layer.
 
@@ -158,6 +156,7 @@ def example_terms(
     def layer_gradients(params: Parameters) -> tuple[Tensor, ...]:
         return tuple(grad(loss_fn, argnums=1, has_aux=True)(params, zeros, example)[0])
 
+    learning_rate = settings.learning_rate
     first = grad(loss)(theta)
     stepped = {name: torch.add(theta[name], first[name], alpha=-learning_rate) for name in theta}
     del first  # one model-sized copy per example fewer at the peak
@@ -165,14 +164,14 @@ def example_terms(
         stepped, zeros, example
     )
     del stepped
-    if exact_hvp:
+    if settings.exact_hvp:
         with warnings.catch_warnings():
             # torch's first forward-mode call loads decompositions through torch.jit.script, which
             # warns about its own deprecation; nothing the user can act on.
             warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
             _, hessian_terms = jvp(layer_gradients, (theta,), (direction,))
     else:
-        h = step_size(direction, h_scale)
+        h = step_size(direction, settings.h_scale)
         plus = layer_gradients(_moved(theta, direction, h))
         minus = layer_gradients(_moved(theta, direction, -h))
         hessian_terms = [(p - m) / (2 * h) for p, m in zip(plus, minus)]
@@ -202,7 +201,7 @@ def _vmapped(
     theta: Parameters,
     zeros: Sequence[Tensor],
     batch: Batch,
-    settings: dict,
+    settings: Order1Settings,
     chunk_size: int,
 ) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
     num_examples = batch.inputs[0].shape[0]
@@ -215,7 +214,7 @@ def _vmapped(
     in_dims = ({"inputs": 0, "args": 0, "target": 0 if target_batched else None, "buffers": 0},)
 
     def one_example(example: dict) -> tuple[list[Tensor], list[Tensor]]:
-        return example_terms(loss_fn, theta, zeros, example, **settings)
+        return example_terms(loss_fn, theta, zeros, example, settings)
 
     activations, corrected = [], []
     for start, stop in balanced_chunks(num_examples, chunk_size):
@@ -240,12 +239,9 @@ def run_vmapped(
     zeros: Sequence[Tensor],
     batch: Batch,
     chunk_size: int,
-    learning_rate: float,
-    h_scale: float,
-    exact_hvp: bool,
+    settings: Order1Settings,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Per layer, ``x(theta')`` and the corrected gradient for the whole batch, ``(N, C, *S)``."""
-    settings = {"learning_rate": learning_rate, "h_scale": h_scale, "exact_hvp": exact_hvp}
     activations, corrected = _vmapped(loss_fn, theta, zeros, batch, settings, chunk_size)
     return [torch.cat(parts) for parts in zip(*activations)], [
         torch.cat(parts) for parts in zip(*corrected)
