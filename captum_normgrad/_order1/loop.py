@@ -185,7 +185,7 @@ class LoopPasses:
         self.taps.forward_done = True
         return outputs
 
-    def example_terms(
+    def terms(
         self,
         forward_args: tuple,
         resolve_target: Callable[[Tensor], object],

@@ -308,7 +308,7 @@ class FactoredPasses:
             for zero, gradient in zip(self.layer_zeros, found)
         ]
 
-    def chunk_terms(
+    def terms(
         self,
         forward_args: tuple,
         resolve_target: Callable[[Tensor], object],
