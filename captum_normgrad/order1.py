@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from numbers import Real
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
 from captum_normgrad._core.captum import (
@@ -42,19 +41,9 @@ from captum_normgrad._core.capture import LayerRecord
 from captum_normgrad._core.layouts import ReshapeTransform
 from captum_normgrad._core.model_state import models_behind
 from captum_normgrad._order1.autograd import ForwardCaller
-from captum_normgrad._order1.engine import empty_records, order1_records
-from captum_normgrad._order1.examples import is_per_example
-from captum_normgrad._order1.factored.passes import trainable_modules
-from captum_normgrad._order1.factored.tracing import factored_refusal
-from captum_normgrad._order1.plan import (
-    FACTORED_CHUNK_BYTES,
-    FACTORED_EXAMPLE_BYTES,
-    BatchMode,
-    Order1Settings,
-    choose_batch_mode,
-    layer_bytes_per_example,
-)
-from captum_normgrad._order1.vmap import full_backward_hook_owner
+from captum_normgrad._order1.engine import order1_records
+from captum_normgrad._order1.plan import BatchMode
+from captum_normgrad._order1.settings import Order1Settings
 from captum_normgrad.losses import LossSpec
 from captum_normgrad.normgrad import LayerNormGrad, check_finite_inputs
 
@@ -165,6 +154,7 @@ class LayerNormGradOrder1(LayerNormGrad):
     ) -> None:
         super().__init__(forward_func, layer, device_ids, reshape_transform)
         self.model = _model_of(forward_func)
+        # The planner's layer sizes of one example, per input shape (plan_call).
         self._layer_bytes: dict[tuple, int | None] = {}
         inside = {id(module) for module in self.model.modules()}
         for module in self.layers:
@@ -305,37 +295,6 @@ class LayerNormGradOrder1(LayerNormGrad):
                 "parameters, so there is nothing to step. Unfreeze some (requires_grad=True)"
             )
         _check_deterministic(self.model)
-        if num_examples == 0:
-            return empty_records(
-                self.forward_func,
-                self.model,
-                self.layers,
-                attribute_to_layer_input,
-                inputs,
-                target,
-                args,
-                loss,
-            )
-        hooked = full_backward_hook_owner(self.model)
-        cannot_factor = self._factored_refusal(batch_mode, loss, inputs[0].device)
-        if batch_mode == "factored" and cannot_factor is not None:
-            raise ValueError(
-                f"batch_mode='factored' cannot run this model: {cannot_factor}. Use "
-                "batch_mode='loop' (same maps)"
-            )
-        if cannot_factor is None:
-            chunk_size, cannot_factor = self._factored_chunk(
-                caller, inputs, args, chunk_size, batch_mode
-            )
-        mode, chunk = choose_batch_mode(
-            "factored" if batch_mode == "auto" and cannot_factor is None else batch_mode,
-            chunk_size,
-            num_examples,
-            inputs[0].device,
-            sum(p.numel() * p.element_size() for p in theta.values()),
-            callable_loss=loss != "cross_entropy",
-            vmap_refusal=None if hooked is None else f"module '{hooked}' has a full backward hook",
-        )
         return order1_records(
             caller=caller,
             forward_func=self.forward_func,
@@ -348,59 +307,12 @@ class LayerNormGradOrder1(LayerNormGrad):
             loss=loss,
             settings=settings,
             batch_mode=batch_mode,
-            mode=mode,
-            chunk_size=chunk,
+            chunk_size=chunk_size,
+            layer_bytes=self._layer_bytes,
             check_first_chunk=functools.partial(
                 self._check_first_chunk, at_input=attribute_to_layer_input
             ),
         )
-
-    def _factored_refusal(
-        self, batch_mode: BatchMode, loss: LossSpec, device: torch.device
-    ) -> str | None:
-        """Why the factored passes cannot serve this call (None if they can)."""
-        if batch_mode not in ("auto", "factored"):
-            return "not asked for"
-        if batch_mode == "auto" and loss != "cross_entropy":
-            # A callable written for one example at a time may not be one for a batch.
-            return "a callable loss is called on one example at a time unless asked otherwise"
-        if batch_mode == "auto" and device.type != "cpu":
-            return "measured on CPU only; 'auto' keeps its choice for CUDA"
-        return factored_refusal(self.model, self.forward_func)
-
-    def _factored_chunk(
-        self,
-        caller: ForwardCaller,
-        inputs: tuple[Tensor, ...],
-        args: tuple,
-        chunk_size: int | None,
-        batch_mode: BatchMode,
-    ) -> tuple[int | None, str | None]:
-        """Examples per factored chunk (the user's ``chunk_size`` if given), and, under ``"auto"``,
-        why the loop is the better choice (layers too large per example), from the layer sizes of
-        one example (cached per input shape)."""
-        num_examples = inputs[0].shape[0]
-        one = (
-            *(x[:1] for x in inputs),
-            *(a[:1] if is_per_example(a, num_examples) else a for a in args),
-        )
-        key = (tuple((x.shape[1:], x.dtype) for x in inputs), tuple(map(id, self.model.modules())))
-        if key not in self._layer_bytes:
-            modules = trainable_modules(self.model)
-            self._layer_bytes[key] = layer_bytes_per_example(caller, modules, one)
-        per_example = self._layer_bytes[key]
-        if batch_mode == "auto" and per_example is not None:
-            if per_example > FACTORED_EXAMPLE_BYTES:
-                return chunk_size, (
-                    f"its layers hold {per_example >> 20} MB per example, where the loop is faster"
-                )
-        if chunk_size is None and per_example:
-            # One budget for both products: the exact one keeps pass 1's graph but frees the
-            # direction's factors as it goes. ResNet-50 at 224x224: its chunks of 4 took 0.95x
-            # the time of chunks of 2 (batch 4 and 16); MobileNetV2, batch 8: 4 + 4 took 0.96x
-            # the time of 3 + 3 + 2.
-            chunk_size = max(1, FACTORED_CHUNK_BYTES // per_example)
-        return chunk_size, None
 
     def _check_first_chunk(self, activations: Sequence[Tensor], at_input: bool) -> None:
         """What is checked on the first example's (or chunk's) activations, so that a problem is

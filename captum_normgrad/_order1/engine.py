@@ -9,6 +9,7 @@ check of the first chunk, and the concatenation.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -35,7 +36,8 @@ from captum_normgrad._order1.factored.passes import (
     trainable_modules,
 )
 from captum_normgrad._order1.loop import LoopPasses
-from captum_normgrad._order1.plan import BatchMode, Order1Settings, balanced_chunks
+from captum_normgrad._order1.plan import BatchMode, Plan, balanced_chunks, plan_call
+from captum_normgrad._order1.settings import Order1Settings
 from captum_normgrad._order1.vmap import (
     VmapPasses,
     beyond_torch_func,
@@ -120,7 +122,7 @@ def _target_resolver(
 
 def run_passes(
     passes: Passes,
-    chunk_size: int,
+    plan: Plan,
     inputs: tuple[Tensor, ...],
     args: tuple,
     target: TargetType,
@@ -136,7 +138,7 @@ def run_passes(
     resolver = _target_resolver(target, loss, num_examples)
     activations, corrected = [], []
     with passes.hooks():
-        for start, stop in balanced_chunks(num_examples, chunk_size):
+        for start, stop in balanced_chunks(num_examples, plan.chunk_size):
             chunk_activations, chunk_corrected = passes.terms(
                 slice_examples(inputs, args, per_example, start, stop),
                 resolver(start, stop),
@@ -186,20 +188,34 @@ def order1_records(
     loss: LossSpec,
     settings: Order1Settings,
     batch_mode: BatchMode,
-    mode: str,
-    chunk_size: int,
+    chunk_size: int | None,
+    layer_bytes: dict[tuple, int | None],
     check_first_chunk: Callable[[Sequence[Tensor]], None],
 ) -> list[LayerRecord]:
     """Each layer's record with ``x(theta')`` as its activation and the corrected gradient as its
-    gradient, from the passes of ``mode``; under ``batch_mode="auto"`` the loop computes the same
-    maps where the factored or the vmapped passes turn out not to run the model."""
+    gradient, from the passes the :class:`Plan` chooses; under ``batch_mode="auto"`` the loop
+    computes the same maps where the factored or the vmapped passes turn out not to run the
+    model. ``layer_bytes``: the planner's cache (:func:`plan_call`), kept by the caller."""
     model = caller.model
+    if inputs[0].shape[0] == 0:
+        return empty_records(forward_func, model, layers, at_input, inputs, target, args, loss)
+    plan = plan_call(
+        batch_mode,
+        chunk_size,
+        caller,
+        forward_func,
+        inputs,
+        args,
+        loss,
+        sum(p.numel() * p.element_size() for p in theta.values()),
+        layer_bytes,
+    )
     records = [LayerRecord(layer, layer_name(model, layer), at_input=at_input) for layer in layers]
     buffers = {name: b.detach() for name, b in caller.named_buffers()}
 
-    def run(passes: Passes, chunk: int) -> list[LayerRecord]:
+    def run(passes: Passes, plan: Plan) -> list[LayerRecord]:
         activations, corrected = run_passes(
-            passes, chunk, inputs, args, target, loss, settings, check_first_chunk
+            passes, plan, inputs, args, target, loss, settings, check_first_chunk
         )
         for record, activation, gradient in zip(records, activations, corrected):
             record.activation = activation
@@ -214,19 +230,19 @@ def order1_records(
         monitor_paused(),
         torch.enable_grad(),
         # The fused attention kernels have no vmap rule and no second derivative.
-        differentiable_attention(settings.exact_hvp or mode == "vmap"),
+        differentiable_attention(settings.exact_hvp or plan.mode == "vmap"),
     ):
-        if mode == "factored":
+        if plan.mode == "factored":
             try:
                 passes = FactoredPasses(
                     caller, trainable_modules(model), records, at_input, example_loss(loss)
                 )
-                return run(passes, chunk_size)
+                return run(passes, plan)
             except FactoredUnsupported:
-                if batch_mode != "auto":
+                if plan.asked != "auto":
                     raise
                 # "auto": the loop computes the same maps one example at a time.
-        if mode == "vmap":
+        if plan.mode == "vmap":
             try:
                 passes = VmapPasses(
                     caller,
@@ -241,7 +257,7 @@ def order1_records(
                     cross_entropy=loss == "cross_entropy",
                     num_examples=inputs[0].shape[0],
                 )
-                return run(passes, chunk_size)
+                return run(passes, plan)
             except NotImplementedError as error:
                 missing = re.search(r"forward AD with (\S+)", str(error))
                 if missing is None:
@@ -255,11 +271,11 @@ def order1_records(
             except RuntimeError as error:
                 if not beyond_torch_func(error):
                     raise
-                if batch_mode == "vmap":
+                if plan.asked == "vmap":
                     raise ValueError(
                         "batch_mode='vmap' runs the passes under torch.func.vmap, which cannot "
                         f"run this model ({error}); use batch_mode='loop' (same maps)"
                     ) from error
                 # "auto": the loop computes the same maps with plain autograd.
         passes = LoopPasses(caller, theta, buffers, records, at_input, example_loss(loss))
-        return run(passes, 1)
+        return run(passes, dataclasses.replace(plan, mode="loop", chunk_size=1))

@@ -43,7 +43,7 @@ from captum_normgrad._order1.autograd import (
     second_derivative,
     step_size,
 )
-from captum_normgrad._order1.plan import Order1Settings
+from captum_normgrad._order1.settings import Order1Settings
 
 __all__ = ["LoopPasses"]
 

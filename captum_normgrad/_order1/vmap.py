@@ -26,7 +26,7 @@ from captum_normgrad._core.capture import LayerRecord, capture_layers, check_eac
 from captum_normgrad._core.model_state import preserved_buffers
 from captum_normgrad._order1.autograd import ForwardCaller, Parameters, step_size
 from captum_normgrad._order1.examples import is_per_example
-from captum_normgrad._order1.plan import Order1Settings
+from captum_normgrad._order1.settings import Order1Settings
 
 __all__ = [
     "PER_EXAMPLE",

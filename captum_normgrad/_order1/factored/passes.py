@@ -46,7 +46,7 @@ from captum_normgrad._core.capture import (
 from captum_normgrad._order1.autograd import ForwardCaller, second_derivative
 from captum_normgrad._order1.factored.rules import rule_for
 from captum_normgrad._order1.factored.rules.base import Factors, ModuleRule
-from captum_normgrad._order1.plan import Order1Settings
+from captum_normgrad._order1.settings import Order1Settings
 
 __all__ = ["FactoredPasses", "FactoredUnsupported", "trainable_modules"]
 
