@@ -23,66 +23,29 @@ highlights what degrades the model.
 
 from __future__ import annotations
 
+import functools
 import math
-import re
 from collections.abc import Callable, Sequence
 from numbers import Real
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_normgrad._core.captum import (
     TargetType,
     format_additional_forward_args,
+    format_inputs,
     log_usage,
-    run_forward,
 )
-from captum_normgrad._core.capture import (
-    LayerRecord,
-    capture_layers,
-    check_each_ran_once,
-    layer_name,
-)
-from captum_normgrad._core.front_door import checked_inputs
+from captum_normgrad._core.capture import LayerRecord
 from captum_normgrad._core.layouts import ReshapeTransform
-from captum_normgrad._core.model_state import models_behind, preserved_buffers
-from captum_normgrad._core.pause import monitor_paused
-from captum_normgrad._order1.autograd import ForwardCaller, differentiable_attention
-from captum_normgrad._order1.examples import (
-    concatenated,
-    is_per_example,
-    one_example_at_a_time,
-    slice_examples,
-    target_of_chunk,
-    target_of_example,
-)
-from captum_normgrad._order1.factored.passes import (
-    FactoredPasses,
-    FactoredUnsupported,
-    trainable_modules,
-)
-from captum_normgrad._order1.factored.tracing import factored_refusal
-from captum_normgrad._order1.loop import LoopPasses
-from captum_normgrad._order1.plan import (
-    FACTORED_CHUNK_BYTES,
-    FACTORED_EXAMPLE_BYTES,
-    BatchMode,
-    balanced_chunks,
-    choose_batch_mode,
-    layer_bytes_per_example,
-)
-from captum_normgrad._order1.vmap import (
-    PER_EXAMPLE,
-    Batch,
-    ExampleLoss,
-    beyond_torch_func,
-    full_backward_hook_owner,
-    run_vmapped,
-)
-from captum_normgrad.losses import LossSpec, class_labels, per_example_loss
-from captum_normgrad.normgrad import LayerNormGrad
+from captum_normgrad._core.model_state import models_behind
+from captum_normgrad._order1.autograd import ForwardCaller
+from captum_normgrad._order1.engine import order1_records
+from captum_normgrad._order1.plan import BatchMode
+from captum_normgrad._order1.settings import Order1Settings
+from captum_normgrad.losses import LossSpec
+from captum_normgrad.normgrad import LayerNormGrad, check_finite_inputs
 
 __all__ = ["LayerNormGradAdversarial", "LayerNormGradOrder1"]
 
@@ -140,11 +103,6 @@ def _check_deterministic(model: nn.Module) -> None:
             )
 
 
-def _cross_entropy(outputs: Tensor, labels: Tensor) -> Tensor:
-    # The labels were validated by `class_labels` on the batch; this runs inside torch.func.
-    return F.cross_entropy(outputs, labels, reduction="none")
-
-
 class LayerNormGradOrder1(LayerNormGrad):
     r"""NormGrad order 1: where the image matters for *training* on it, after one inner SGD step.
 
@@ -196,6 +154,7 @@ class LayerNormGradOrder1(LayerNormGrad):
     ) -> None:
         super().__init__(forward_func, layer, device_ids, reshape_transform)
         self.model = _model_of(forward_func)
+        # The planner's layer sizes of one example, per input shape (plan_call).
         self._layer_bytes: dict[tuple, int | None] = {}
         inside = {id(module) for module in self.model.modules()}
         for module in self.layers:
@@ -230,8 +189,9 @@ class LayerNormGradOrder1(LayerNormGrad):
             inputs, target, additional_forward_args, attribute_to_layer_input: as for
                 :meth:`LayerNormGrad.attribute`. The label is resolved at ``theta`` (the top-1
                 class when ``target`` is None) and used in every pass: from the first pass of each
-                example in the loop, from one forward pass of the batch under vmap (the same
-                labels unless BatchNorm is in training mode, where the loop's are batch-invariant).
+                example in the loop (of each chunk in the factored mode), from one forward pass of
+                each chunk under vmap (the same labels unless BatchNorm is in training mode, where
+                the loop's are batch-invariant).
                 Additional forward arguments that are tensors with the batch as first dimension are
                 split per example; others are passed whole.
             loss: ``"cross_entropy"`` (default) or a callable ``loss(outputs, target) -> (N,)``,
@@ -287,45 +247,16 @@ class LayerNormGradOrder1(LayerNormGrad):
             additional_forward_args,
             attribute_to_layer_input,
             loss,
-            learning_rate=self._inner_learning_rate(float(eps)),
-            h_scale=float(h_scale),
-            exact_hvp=hvp == "exact",
+            Order1Settings(
+                learning_rate=self._inner_learning_rate(float(eps)),
+                h_scale=float(h_scale),
+                exact_hvp=hvp == "exact",
+            ),
             batch_mode=batch_mode,
             chunk_size=chunk_size,
         )
         maps = self._maps(records)
         return maps if self._returns_list else maps[0]
-
-    def _probe(
-        self,
-        inputs: tuple[Tensor, ...],
-        target: TargetType,
-        additional_forward_args: tuple | None,
-        attribute_to_layer_input: bool,
-        loss: LossSpec,
-    ) -> tuple[list[LayerRecord], object]:
-        """One forward pass of the batch at ``theta``: checks the layers and the loss, resolves the
-        labels, and records each layer's activation shape."""
-        with (
-            torch.no_grad(),
-            preserved_buffers([self.model]),
-            capture_layers(
-                self.forward_func, self.layers, at_input=attribute_to_layer_input
-            ) as records,
-        ):
-            outputs = run_forward(self.forward_func, inputs, None, additional_forward_args)
-        check_each_ran_once(records)
-        per_example_loss(outputs, target, loss)
-        num_examples = inputs[0].shape[0]
-        for record in records:
-            if record.activation.shape[0] != num_examples:
-                raise ValueError(
-                    f"layer '{record.name}' has an activation of shape "
-                    f"{tuple(record.activation.shape)}, whose first dimension is not the batch of "
-                    f"{num_examples}; order 1 needs batch-first activations"
-                )
-        labels = class_labels(outputs, target) if loss == "cross_entropy" else target
-        return records, labels
 
     def _order1_records(
         self,
@@ -334,16 +265,15 @@ class LayerNormGradOrder1(LayerNormGrad):
         additional_forward_args: object,
         attribute_to_layer_input: bool,
         loss: LossSpec,
+        settings: Order1Settings,
         *,
-        learning_rate: float,
-        h_scale: float,
-        exact_hvp: bool,
         batch_mode: BatchMode,
         chunk_size: int | None,
     ) -> list[LayerRecord]:
         """Each record gets ``x(theta')`` as its activation and the corrected gradient as its
         gradient, so that order 0's ``_layer_map`` gives the order-1 map."""
-        inputs = checked_inputs(inputs)
+        inputs = format_inputs(inputs)
+        check_finite_inputs(inputs)
         inputs = tuple(x.detach() for x in inputs)
         num_examples = inputs[0].shape[0]
         for index, tensor in enumerate(inputs):
@@ -365,321 +295,30 @@ class LayerNormGradOrder1(LayerNormGrad):
                 "parameters, so there is nothing to step. Unfreeze some (requires_grad=True)"
             )
         _check_deterministic(self.model)
-        if num_examples == 0:
-            return self._empty_records(inputs, target, args, attribute_to_layer_input, loss)
-        hooked = full_backward_hook_owner(self.model)
-        cannot_factor = self._factored_refusal(batch_mode, loss, inputs[0].device)
-        if batch_mode == "factored" and cannot_factor is not None:
-            raise ValueError(
-                f"batch_mode='factored' cannot run this model: {cannot_factor}. Use "
-                "batch_mode='loop' (same maps)"
-            )
-        if cannot_factor is None:
-            chunk_size, cannot_factor = self._factored_chunk(
-                caller, inputs, args, chunk_size, batch_mode
-            )
-        mode, chunk = choose_batch_mode(
-            "factored" if batch_mode == "auto" and cannot_factor is None else batch_mode,
-            chunk_size,
-            num_examples,
-            inputs[0].device,
-            sum(p.numel() * p.element_size() for p in theta.values()),
-            callable_loss=loss != "cross_entropy",
-            vmap_refusal=None if hooked is None else f"module '{hooked}' has a full backward hook",
+        return order1_records(
+            caller=caller,
+            forward_func=self.forward_func,
+            layers=self.layers,
+            theta=theta,
+            inputs=inputs,
+            target=target,
+            args=args,
+            at_input=attribute_to_layer_input,
+            loss=loss,
+            settings=settings,
+            batch_mode=batch_mode,
+            chunk_size=chunk_size,
+            layer_bytes=self._layer_bytes,
+            check_first_chunk=functools.partial(
+                self._check_first_chunk, at_input=attribute_to_layer_input
+            ),
         )
-        buffers = {name: b.detach() for name, b in caller.named_buffers()}
-        settings = {"learning_rate": learning_rate, "h_scale": h_scale, "exact_hvp": exact_hvp}
-        # The passes are not training steps: any NormGradMonitor on the model ignores them.
-        with (
-            # A forward that rebinds its buffers (self.ema = ...) is undone, as for order 0.
-            preserved_buffers([self.model]),
-            one_example_at_a_time(self.model),
-            monitor_paused(),
-            torch.enable_grad(),
-            # The fused attention kernels have no vmap rule and no second derivative.
-            differentiable_attention(exact_hvp or mode == "vmap"),
-        ):
-            if mode == "factored":
-                try:
-                    return self._factored_records(
-                        inputs,
-                        target,
-                        args,
-                        attribute_to_layer_input,
-                        loss,
-                        caller,
-                        chunk,
-                        settings,
-                    )
-                except FactoredUnsupported:
-                    if batch_mode != "auto":
-                        raise
-                    # "auto": the loop computes the same maps one example at a time.
-            if mode == "vmap":
-                try:
-                    return self._vmapped_records(
-                        inputs,
-                        target,
-                        args,
-                        attribute_to_layer_input,
-                        loss,
-                        caller,
-                        theta,
-                        buffers,
-                        chunk,
-                        settings,
-                    )
-                except NotImplementedError as error:
-                    missing = re.search(r"forward AD with (\S+)", str(error))
-                    if missing is None:
-                        raise
-                    raise ValueError(
-                        "hvp='exact' differentiates the model's gradient a second time (forward "
-                        "over reverse under batch_mode='vmap'), and PyTorch has no forward-mode "
-                        f"derivative of {missing.group(1)}, which this model uses; use "
-                        "hvp='finite_difference' (the paper's)"
-                    ) from error
-                except RuntimeError as error:
-                    if not beyond_torch_func(error):
-                        raise
-                    if batch_mode == "vmap":
-                        raise ValueError(
-                            "batch_mode='vmap' runs the passes under torch.func.vmap, which cannot "
-                            f"run this model ({error}); use batch_mode='loop' (same maps)"
-                        ) from error
-                    # "auto": the loop computes the same maps with plain autograd.
-            return self._loop_records(
-                inputs,
-                target,
-                args,
-                attribute_to_layer_input,
-                loss,
-                caller,
-                theta,
-                buffers,
-                settings,
-            )
 
-    def _factored_refusal(
-        self, batch_mode: BatchMode, loss: LossSpec, device: torch.device
-    ) -> str | None:
-        """Why the factored passes cannot serve this call (None if they can)."""
-        if batch_mode not in ("auto", "factored"):
-            return "not asked for"
-        if batch_mode == "auto" and loss != "cross_entropy":
-            # A callable written for one example at a time may not be one for a batch.
-            return "a callable loss is called on one example at a time unless asked otherwise"
-        if batch_mode == "auto" and device.type != "cpu":
-            return "measured on CPU only; 'auto' keeps its choice for CUDA"
-        return factored_refusal(self.model, self.forward_func)
-
-    def _factored_chunk(
-        self,
-        caller: ForwardCaller,
-        inputs: tuple[Tensor, ...],
-        args: tuple,
-        chunk_size: int | None,
-        batch_mode: BatchMode,
-    ) -> tuple[int | None, str | None]:
-        """Examples per factored chunk (the user's ``chunk_size`` if given), and, under ``"auto"``,
-        why the loop is the better choice (layers too large per example), from the layer sizes of
-        one example (cached per input shape)."""
-        num_examples = inputs[0].shape[0]
-        one = (
-            *(x[:1] for x in inputs),
-            *(a[:1] if is_per_example(a, num_examples) else a for a in args),
-        )
-        key = (tuple((x.shape[1:], x.dtype) for x in inputs), tuple(map(id, self.model.modules())))
-        if key not in self._layer_bytes:
-            modules = trainable_modules(self.model)
-            self._layer_bytes[key] = layer_bytes_per_example(caller, modules, one)
-        per_example = self._layer_bytes[key]
-        if batch_mode == "auto" and per_example is not None:
-            if per_example > FACTORED_EXAMPLE_BYTES:
-                return chunk_size, (
-                    f"its layers hold {per_example >> 20} MB per example, where the loop is faster"
-                )
-        if chunk_size is None and per_example:
-            # One budget for both products: the exact one keeps pass 1's graph but frees the
-            # direction's factors as it goes. ResNet-50 at 224x224: its chunks of 4 took 0.95x
-            # the time of chunks of 2 (batch 4 and 16); MobileNetV2, batch 8: 4 + 4 took 0.96x
-            # the time of 3 + 3 + 2.
-            chunk_size = max(1, FACTORED_CHUNK_BYTES // per_example)
-        return chunk_size, None
-
-    def _check_layouts(self, activations: Sequence[Tensor], at_input: bool) -> None:
-        """The maps' layout check on the first example's (or chunk's) activations, so that a
-        layout that cannot be known is refused before the other examples' passes run."""
+    def _check_first_chunk(self, activations: Sequence[Tensor], at_input: bool) -> None:
+        """What is checked on the first example's (or chunk's) activations, so that a problem is
+        refused before the other examples' passes run: the maps' layout."""
         for layout, activation in zip(self.layouts, activations):
             layout.side(at_input).channels_first(activation)
-
-    def _factored_records(
-        self,
-        inputs: tuple[Tensor, ...],
-        target: TargetType,
-        args: tuple,
-        attribute_to_layer_input: bool,
-        loss: LossSpec,
-        caller: ForwardCaller,
-        chunk_size: int,
-        settings: dict,
-    ) -> list[LayerRecord]:
-        """Chunks of examples, each pass one batched forward and backward; pass 1's forward at
-        ``theta`` resolves and checks the labels."""
-        num_examples = inputs[0].shape[0]
-        records = [LayerRecord(layer, layer_name(self.model, layer)) for layer in self.layers]
-        passes = FactoredPasses(
-            caller,
-            trainable_modules(self.model),
-            records=records,
-            at_input=attribute_to_layer_input,
-            loss=_cross_entropy if loss == "cross_entropy" else _callable_loss(loss),
-        )
-        per_example = [is_per_example(a, num_examples) for a in args]
-
-        def resolve(start: int, stop: int) -> Callable[[Tensor], object]:
-            def resolve_target(outputs: Tensor) -> object:
-                if start == 0:  # the batch's target checked once, before any backward
-                    batch_outputs = outputs[:1].expand(num_examples, *outputs.shape[1:])
-                    per_example_loss(batch_outputs, target, loss)
-                chunk_target = target_of_chunk(target, start, stop, num_examples)
-                if loss != "cross_entropy":
-                    return chunk_target
-                return class_labels(outputs, chunk_target)
-
-            return resolve_target
-
-        activations, corrected = [], []
-        with passes.hooks():
-            for start, stop in balanced_chunks(num_examples, chunk_size):
-                chunk_activations, chunk_corrected = passes.chunk_terms(
-                    slice_examples(inputs, args, per_example, start, stop),
-                    resolve(start, stop),
-                    **settings,
-                )
-                activations.append(chunk_activations)
-                corrected.append(chunk_corrected)
-                if start == 0:
-                    self._check_layouts(chunk_activations, attribute_to_layer_input)
-        return concatenated(records, activations, corrected)
-
-    def _loop_records(
-        self,
-        inputs: tuple[Tensor, ...],
-        target: TargetType,
-        args: tuple,
-        attribute_to_layer_input: bool,
-        loss: LossSpec,
-        caller: ForwardCaller,
-        theta: dict[str, Tensor],
-        buffers: dict[str, Tensor],
-        settings: dict,
-    ) -> list[LayerRecord]:
-        """The passes one example at a time; pass 1's forward at ``theta`` also resolves and checks
-        the labels (no separate forward of the batch)."""
-        num_examples = inputs[0].shape[0]
-        records = [LayerRecord(layer, layer_name(self.model, layer)) for layer in self.layers]
-        passes = LoopPasses(
-            caller,
-            theta,
-            buffers,
-            records=records,
-            at_input=attribute_to_layer_input,
-            loss=_cross_entropy if loss == "cross_entropy" else _callable_loss(loss),
-        )
-        per_example = [is_per_example(a, num_examples) for a in args]
-        labels: list[Tensor | None] = [None]
-
-        def resolve(index: int) -> Callable[[Tensor], object]:
-            def resolve_target(outputs: Tensor) -> object:
-                if index == 0:  # the batch's target checked once, before any backward
-                    batch_outputs = outputs.repeat(num_examples, *[1] * (outputs.dim() - 1))
-                    per_example_loss(batch_outputs, target, loss)
-                    if loss == "cross_entropy" and target is not None:
-                        labels[0] = class_labels(batch_outputs, target)
-                if loss != "cross_entropy":
-                    return target_of_example(target, index, num_examples)
-                if labels[0] is None:
-                    return class_labels(outputs, None)
-                return labels[0][index : index + 1]
-
-            return resolve_target
-
-        activations, corrected = [], []
-        with passes.hooks():
-            for index in range(num_examples):
-                example_activations, example_corrected = passes.example_terms(
-                    slice_examples(inputs, args, per_example, index, index + 1),
-                    resolve(index),
-                    **settings,
-                )
-                activations.append(example_activations)
-                corrected.append(example_corrected)
-                if index == 0:
-                    self._check_layouts(example_activations, attribute_to_layer_input)
-        return concatenated(records, activations, corrected)
-
-    def _vmapped_records(
-        self,
-        inputs: tuple[Tensor, ...],
-        target: TargetType,
-        args: tuple,
-        attribute_to_layer_input: bool,
-        loss: LossSpec,
-        caller: ForwardCaller,
-        theta: dict[str, Tensor],
-        buffers: dict[str, Tensor],
-        chunk_size: int,
-        settings: dict,
-    ) -> list[LayerRecord]:
-        """Chunks of examples through ``torch.func.vmap``, after one forward of the batch that
-        resolves the labels."""
-        num_examples = inputs[0].shape[0]
-        records, labels = self._probe(inputs, target, args or None, attribute_to_layer_input, loss)
-        loss_fn = ExampleLoss(
-            caller,
-            self.layers,
-            attribute_to_layer_input,
-            _cross_entropy if loss == "cross_entropy" else _callable_loss(loss),
-            tuple(PER_EXAMPLE if is_per_example(a, num_examples) else a for a in args),
-        )
-        batch = Batch(
-            inputs=inputs,
-            per_example_args=tuple(a.detach() for a in args if is_per_example(a, num_examples)),
-            target=labels,
-            buffers=buffers,
-        )
-        zeros = [
-            record.activation.new_zeros((1, *record.activation.shape[1:])) for record in records
-        ]
-        activations, corrected = run_vmapped(loss_fn, theta, zeros, batch, chunk_size, **settings)
-        for record, activation, gradient in zip(records, activations, corrected):
-            record.activation = activation
-            record.gradient = gradient
-        return records
-
-    def _empty_records(
-        self,
-        inputs: tuple[Tensor, ...],
-        target: TargetType,
-        args: tuple,
-        attribute_to_layer_input: bool,
-        loss: LossSpec,
-    ) -> list[LayerRecord]:
-        """An empty batch: one forward pass gives each layer's shape, and the maps are ``(0, 1, *S)``
-        as for order 0."""
-        records, _ = self._probe(inputs, target, args or None, attribute_to_layer_input, loss)
-        for record in records:
-            record.activation = record.activation.detach()
-            record.gradient = torch.zeros_like(record.activation)
-        return records
-
-
-def _callable_loss(loss: Callable[[Tensor, TargetType], Tensor]) -> Callable:
-    def example_loss(outputs: Tensor, target: TargetType) -> Tensor:
-        return per_example_loss(outputs, target, loss)
-
-    return example_loss
 
 
 class LayerNormGradAdversarial(LayerNormGradOrder1):

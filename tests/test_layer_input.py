@@ -142,3 +142,19 @@ def test_an_input_changed_in_place_after_the_layer_keeps_the_value_the_layer_saw
     model.modify_after = True
     actual = _attribute(method, model, model.branch, images, target, True, **kwargs)
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_order1_reads_the_input_side_layout_at_an_input():
+    """A ConvNeXt block's first ``Permute`` takes channels first and gives channels last: at its
+    input the map is ``(N, 1, H, W)``. The loop's records once lacked ``at_input`` and read the
+    output side's layout there, a ``(N, 1, W, C)`` map normed over the height."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(0)
+    model = ConvNeXt([CNBlockConfig(8, None, 2)], num_classes=3).double().eval()
+    permute = model.features[1][0].block[1]
+    images = torch.randn(2, 3, 48, 40, dtype=torch.float64)
+    order1 = _attribute(LayerNormGradOrder1, model, permute, images, [0, 1], True, eps=1e-9)
+    order0 = _attribute(LayerNormGrad, model, permute, images, [0, 1], at_input=True)
+    assert order1.shape == (2, 1, 12, 10)
+    torch.testing.assert_close(order1, order0, rtol=1e-6, atol=1e-10)

@@ -257,7 +257,6 @@ def test_auto_takes_the_loop_where_layers_are_large_per_example(monkeypatch):
     torch.testing.assert_close(factored, loop, rtol=1e-10, atol=1e-14)
     assert torch.equal(order1.attribute(images, target=[0, 1, 2]), factored)
     monkeypatch.setattr(plan, "FACTORED_EXAMPLE_BYTES", 100)
-    monkeypatch.setattr("captum_normgrad.order1.FACTORED_EXAMPLE_BYTES", 100)
     assert torch.equal(
         LayerNormGradOrder1(model, model[1]).attribute(images, target=[0, 1, 2]), loop
     )

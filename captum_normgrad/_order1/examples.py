@@ -1,8 +1,8 @@
-"""Per-example slices of order 1's forward arguments and targets, and the parts joined back.
+"""Per-example slices of order 1's forward arguments and targets.
 
 Every example gets its own inner step, so the passes run on one example or a chunk of them at a time:
-Captum's per-example arguments (tensors whose first dimension is the batch) are sliced, the others
-passed whole, and each layer's activations and corrected gradients are concatenated afterwards.
+Captum's per-example arguments (tensors whose first dimension is the batch) and per-example targets
+are sliced, the others passed whole.
 """
 
 from __future__ import annotations
@@ -10,19 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-import torch
 from torch import Tensor, nn
 
 from captum_normgrad._core.captum import TargetType
-from captum_normgrad._core.capture import LayerRecord
 
 __all__ = [
-    "concatenated",
     "is_per_example",
     "one_example_at_a_time",
     "slice_examples",
-    "target_of_chunk",
-    "target_of_example",
+    "target_of_examples",
 ]
 
 
@@ -31,15 +27,7 @@ def is_per_example(value: object, num_examples: int) -> bool:
     return isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == num_examples
 
 
-def target_of_example(target: object, index: int, num_examples: int) -> object:
-    if is_per_example(target, num_examples):
-        return target[index : index + 1]
-    if isinstance(target, list) and len(target) == num_examples and num_examples > 1:
-        return [target[index]]
-    return target
-
-
-def target_of_chunk(target: TargetType, start: int, stop: int, num_examples: int) -> TargetType:
+def target_of_examples(target: TargetType, start: int, stop: int, num_examples: int) -> TargetType:
     """The part of Captum's ``target`` for examples ``start:stop``: per-example forms are sliced,
     a target shared by the batch is kept."""
     if is_per_example(target, num_examples):
@@ -58,16 +46,6 @@ def slice_examples(
         *(x[start:stop] for x in inputs),
         *(a[start:stop] if each else a for a, each in zip(args, per_example)),
     )
-
-
-def concatenated(
-    records: list[LayerRecord], activations: list[list[Tensor]], corrected: list[list[Tensor]]
-) -> list[LayerRecord]:
-    """Each record gets its layer's activations and corrected gradients of every part, in order."""
-    for position, record in enumerate(records):
-        record.activation = torch.cat([a[position] for a in activations])
-        record.gradient = torch.cat([c[position] for c in corrected])
-    return records
 
 
 @contextmanager

@@ -43,6 +43,7 @@ from captum_normgrad._order1.autograd import (
     second_derivative,
     step_size,
 )
+from captum_normgrad._order1.settings import Order1Settings
 
 __all__ = ["LoopPasses"]
 
@@ -184,13 +185,11 @@ class LoopPasses:
         self.taps.forward_done = True
         return outputs
 
-    def example_terms(
+    def terms(
         self,
         forward_args: tuple,
         resolve_target: Callable[[Tensor], object],
-        learning_rate: float,
-        h_scale: float,
-        exact_hvp: bool,
+        settings: Order1Settings,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """``x(theta')`` and ``g(theta') - lr H(theta) v`` at each layer for one example, whose
         forward arguments (batch dimension 1) are ``forward_args``.
@@ -199,6 +198,7 @@ class LoopPasses:
         user gave none); it is called on pass 1's outputs, detached.
         """
         names = list(self.leaves)
+        learning_rate, exact_hvp = settings.learning_rate, settings.exact_hvp
 
         def at_theta() -> tuple[list[Tensor], list[Tensor]]:
             outputs = self._forward(forward_args, tap=exact_hvp)
@@ -228,7 +228,7 @@ class LoopPasses:
                 hessian_terms = second_derivative(first, directions, zeros_at_theta)
             else:
                 del first
-                h = step_size(direction, h_scale)
+                h = step_size(direction, settings.h_scale)
                 plus = self._layer_gradients(direction, h, forward_args, target)
                 minus = self._layer_gradients(direction, -h, forward_args, target)
                 hessian_terms = [(p - m) / (2 * h) for p, m in zip(plus, minus)]

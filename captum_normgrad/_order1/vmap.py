@@ -15,25 +15,28 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from captum_normgrad._core.captum import run_forward
+from captum_normgrad._core.capture import LayerRecord, capture_layers, check_each_ran_once
+from captum_normgrad._core.model_state import preserved_buffers
 from captum_normgrad._order1.autograd import ForwardCaller, Parameters, step_size
 from captum_normgrad._order1.examples import is_per_example
-from captum_normgrad._order1.plan import balanced_chunks
+from captum_normgrad._order1.settings import Order1Settings
 
 __all__ = [
     "PER_EXAMPLE",
-    "Batch",
     "ExampleLoss",
+    "VmapPasses",
     "beyond_torch_func",
+    "check_batch_first",
     "example_terms",
     "full_backward_hook_owner",
-    "run_vmapped",
+    "layers_at_theta",
 ]
 
 # Stands in `ExampleLoss.static_args` for an additional forward argument taken from the example.
@@ -139,9 +142,7 @@ def example_terms(
     theta: Parameters,
     zeros: Sequence[Tensor],
     example: dict,
-    learning_rate: float,
-    h_scale: float,
-    exact_hvp: bool,
+    settings: Order1Settings,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """For one example: ``x(theta')`` and ``g(theta') - lr * H(theta) v`` at each layer.
 
@@ -158,6 +159,7 @@ def example_terms(
     def layer_gradients(params: Parameters) -> tuple[Tensor, ...]:
         return tuple(grad(loss_fn, argnums=1, has_aux=True)(params, zeros, example)[0])
 
+    learning_rate = settings.learning_rate
     first = grad(loss)(theta)
     stepped = {name: torch.add(theta[name], first[name], alpha=-learning_rate) for name in theta}
     del first  # one model-sized copy per example fewer at the peak
@@ -165,14 +167,14 @@ def example_terms(
         stepped, zeros, example
     )
     del stepped
-    if exact_hvp:
+    if settings.exact_hvp:
         with warnings.catch_warnings():
             # torch's first forward-mode call loads decompositions through torch.jit.script, which
             # warns about its own deprecation; nothing the user can act on.
             warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
             _, hessian_terms = jvp(layer_gradients, (theta,), (direction,))
     else:
-        h = step_size(direction, h_scale)
+        h = step_size(direction, settings.h_scale)
         plus = layer_gradients(_moved(theta, direction, h))
         minus = layer_gradients(_moved(theta, direction, -h))
         hessian_terms = [(p - m) / (2 * h) for p, m in zip(plus, minus)]
@@ -180,76 +182,137 @@ def example_terms(
     return list(activations), corrected
 
 
-@dataclass
-class Batch:
-    """What the passes read for the whole batch.
+def layers_at_theta(
+    forward_func: Callable[..., Tensor],
+    model: nn.Module,
+    layers: Sequence[nn.Module],
+    at_input: bool,
+    inputs: tuple[Tensor, ...],
+    args: tuple,
+) -> tuple[list[LayerRecord], object]:
+    """One forward pass without autograd at ``theta`` (the model's buffers restored): each
+    layer's record (its activation, whose shape the vmapped zeros take) and the outputs, from
+    which the labels are resolved before the passes that need them."""
+    with (
+        torch.no_grad(),
+        preserved_buffers([model]),
+        capture_layers(forward_func, layers, at_input=at_input) as records,
+    ):
+        outputs = run_forward(forward_func, inputs, None, args or None)
+    check_each_ran_once(records)
+    return records, outputs
 
-    Attributes:
-        inputs: the input tensors, batch first.
-        per_example_args: the additional forward arguments that are batch-first tensors, in order.
-        target: validated labels ``(N,)`` for cross-entropy; the user's ``target`` for a callable.
+
+def check_batch_first(records: Sequence[LayerRecord], num_examples: int) -> None:
+    for record in records:
+        if record.activation.shape[0] != num_examples:
+            raise ValueError(
+                f"layer '{record.name}' has an activation of shape "
+                f"{tuple(record.activation.shape)}, whose first dimension is not the batch of "
+                f"{num_examples}; order 1 needs batch-first activations"
+            )
+
+
+class VmapPasses:
+    """The passes for a chunk of examples: :func:`example_terms` under ``torch.func.vmap``, each
+    example keeping a batch dimension of 1 inside it.
+
+    Args:
+        caller: the :class:`ForwardCaller` around the user's model.
+        forward_func: the user's forward function (it names the layers in error messages).
+        layers: the attributed modules.
+        at_input: take the layers' inputs instead of their outputs.
+        loss: ``loss(outputs, target) -> (1,)``; the labels are validated before any pass.
+        theta: the trainable parameters (detached, named as ``caller`` names them).
         buffers: the model's buffers (each pass works on copies).
+        args: the batch's additional forward arguments; batch-first tensors are the examples'.
+        target: the batch's target as the user gave it (its form says whether each example has
+            its own row); ``None`` with ``cross_entropy``.
+        cross_entropy: the resolved target is one class index per example.
     """
 
-    inputs: tuple[Tensor, ...]
-    per_example_args: tuple[Tensor, ...]
-    target: object
-    buffers: dict[str, Tensor]
-
-
-def _vmapped(
-    loss_fn: ExampleLoss,
-    theta: Parameters,
-    zeros: Sequence[Tensor],
-    batch: Batch,
-    settings: dict,
-    chunk_size: int,
-) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
-    num_examples = batch.inputs[0].shape[0]
-    target_batched = isinstance(batch.target, Tensor) and is_per_example(batch.target, num_examples)
-    if not target_batched and isinstance(batch.target, list) and len(batch.target) > 1:
-        raise ValueError(
-            "batch_mode='vmap' with a callable loss needs target as a tensor (one row per "
-            "example), an int or None, not a list; pass torch.tensor(target) or batch_mode='loop'"
+    def __init__(
+        self,
+        caller: ForwardCaller,
+        forward_func: Callable[..., Tensor],
+        layers: Sequence[nn.Module],
+        at_input: bool,
+        loss: Callable[[Tensor, object], Tensor],
+        theta: Parameters,
+        buffers: dict[str, Tensor],
+        args: tuple,
+        target: object,
+        cross_entropy: bool,
+        num_examples: int,
+    ) -> None:
+        self.forward_func = forward_func
+        self.model = caller.model
+        self.layers = list(layers)
+        self.at_input = at_input
+        self.theta = theta
+        self.buffers = buffers
+        self.per_example = [is_per_example(a, num_examples) for a in args]
+        self.loss_fn = ExampleLoss(
+            caller,
+            layers,
+            at_input,
+            loss,
+            tuple(PER_EXAMPLE if each else a for a, each in zip(args, self.per_example)),
         )
-    in_dims = ({"inputs": 0, "args": 0, "target": 0 if target_batched else None, "buffers": 0},)
+        self.target_batched = cross_entropy or (
+            isinstance(target, Tensor) and is_per_example(target, num_examples)
+        )
+        self.list_target = not self.target_batched and isinstance(target, list) and len(target) > 1
 
-    def one_example(example: dict) -> tuple[list[Tensor], list[Tensor]]:
-        return example_terms(loss_fn, theta, zeros, example, **settings)
+    def hooks(self) -> AbstractContextManager[object]:
+        """Nothing lives for the whole call: each vmapped pass adds its zeros at the layers."""
+        return nullcontext(self)
 
-    activations, corrected = [], []
-    for start, stop in balanced_chunks(num_examples, chunk_size):
-        chunk, size = slice(start, stop), stop - start
+    def terms(
+        self,
+        forward_args: tuple,
+        resolve_target: Callable[[Tensor], object],
+        settings: Order1Settings,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """``x(theta')`` and ``g(theta') - lr H(theta) v`` at each layer for the chunk whose forward
+        arguments are ``forward_args`` (batch first). The vmapped passes take the labels as an
+        input, so one forward pass of the chunk at ``theta`` without autograd resolves them."""
+        size = forward_args[0].shape[0]
+        split = len(forward_args) - len(self.per_example)
+        inputs, args = forward_args[:split], forward_args[split:]
+        records, outputs = layers_at_theta(
+            self.forward_func, self.model, self.layers, self.at_input, inputs, args
+        )
+        target = resolve_target(outputs)
+        check_batch_first(records, size)
+        if self.list_target:
+            raise ValueError(
+                "batch_mode='vmap' with a callable loss needs target as a tensor (one row per "
+                "example), an int or None, not a list; pass torch.tensor(target) or "
+                "batch_mode='loop'"
+            )
+        zeros = [
+            record.activation.new_zeros((1, *record.activation.shape[1:])) for record in records
+        ]
         example = {
             # Each vmapped example keeps a batch dimension of 1, as the model expects.
-            "inputs": tuple(x[chunk].unsqueeze(1) for x in batch.inputs),
-            "args": tuple(a[chunk].unsqueeze(1) for a in batch.per_example_args),
-            "target": batch.target[chunk].unsqueeze(1) if target_batched else batch.target,
+            "inputs": tuple(x.unsqueeze(1) for x in inputs),
+            "args": tuple(
+                a.detach().unsqueeze(1) for a, each in zip(args, self.per_example) if each
+            ),
+            "target": target.unsqueeze(1) if self.target_batched else target,
             # Batched (one per example), so BatchNorm in train mode can update them under vmap.
-            "buffers": {n: b.expand(size, *b.shape) for n, b in batch.buffers.items()},
+            "buffers": {n: b.expand(size, *b.shape) for n, b in self.buffers.items()},
         }
-        chunk_activations, chunk_corrected = vmap(one_example, in_dims=in_dims)(example)
-        activations.append([a.flatten(0, 1) for a in chunk_activations])
-        corrected.append([c.flatten(0, 1) for c in chunk_corrected])
-    return activations, corrected
+        in_dims = (
+            {"inputs": 0, "args": 0, "target": 0 if self.target_batched else None, "buffers": 0},
+        )
 
+        def one_example(example: dict) -> tuple[list[Tensor], list[Tensor]]:
+            return example_terms(self.loss_fn, self.theta, zeros, example, settings)
 
-def run_vmapped(
-    loss_fn: ExampleLoss,
-    theta: Parameters,
-    zeros: Sequence[Tensor],
-    batch: Batch,
-    chunk_size: int,
-    learning_rate: float,
-    h_scale: float,
-    exact_hvp: bool,
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Per layer, ``x(theta')`` and the corrected gradient for the whole batch, ``(N, C, *S)``."""
-    settings = {"learning_rate": learning_rate, "h_scale": h_scale, "exact_hvp": exact_hvp}
-    activations, corrected = _vmapped(loss_fn, theta, zeros, batch, settings, chunk_size)
-    return [torch.cat(parts) for parts in zip(*activations)], [
-        torch.cat(parts) for parts in zip(*corrected)
-    ]
+        activations, corrected = vmap(one_example, in_dims=in_dims)(example)
+        return [a.flatten(0, 1) for a in activations], [c.flatten(0, 1) for c in corrected]
 
 
 def full_backward_hook_owner(model: nn.Module) -> str | None:

@@ -46,6 +46,7 @@ from captum_normgrad._core.capture import (
 from captum_normgrad._order1.autograd import ForwardCaller, second_derivative
 from captum_normgrad._order1.factored.rules import rule_for
 from captum_normgrad._order1.factored.rules.base import Factors, ModuleRule
+from captum_normgrad._order1.settings import Order1Settings
 
 __all__ = ["FactoredPasses", "FactoredUnsupported", "trainable_modules"]
 
@@ -307,20 +308,16 @@ class FactoredPasses:
             for zero, gradient in zip(self.layer_zeros, found)
         ]
 
-    def chunk_terms(
+    def terms(
         self,
         forward_args: tuple,
         resolve_target: Callable[[Tensor], object],
-        learning_rate: float,
-        h_scale: float,
-        exact_hvp: bool = False,
+        settings: Order1Settings,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """``x(theta')`` and ``g(theta') - lr H(theta) v`` at each layer for the chunk whose forward
         arguments are ``forward_args`` (batch first)."""
         try:
-            return self._chunk_terms(
-                forward_args, resolve_target, learning_rate, h_scale, exact_hvp
-            )
+            return self._chunk_terms(forward_args, resolve_target, settings)
         except torch.utils.checkpoint.CheckpointError as error:
             # Non-reentrant checkpointing recomputes a block in the backward: the hooks' updates
             # are not replayed there, so the recomputation differs. The loop supports it.
@@ -333,10 +330,13 @@ class FactoredPasses:
         self,
         forward_args: tuple,
         resolve_target: Callable[[Tensor], object],
-        learning_rate: float,
-        h_scale: float,
-        exact_hvp: bool,
+        settings: Order1Settings,
     ) -> tuple[list[Tensor], list[Tensor]]:
+        learning_rate, h_scale, exact_hvp = (
+            settings.learning_rate,
+            settings.h_scale,
+            settings.exact_hvp,
+        )
         self.chunk = forward_args[0].shape[0]
 
         # 1. theta: the factors of each example's gradient; the labels. For the exact product
