@@ -34,18 +34,24 @@ from torch import Tensor, nn
 from captum_normgrad._core.captum import (
     TargetType,
     format_additional_forward_args,
-    format_inputs,
     log_usage,
 )
 from captum_normgrad._core.capture import LayerRecord
+from captum_normgrad._core.front_door import (
+    check_grad_mode,
+    check_loss,
+    check_target,
+    checked_inputs,
+)
 from captum_normgrad._core.layouts import ReshapeTransform
 from captum_normgrad._core.model_state import models_behind
 from captum_normgrad._order1.autograd import ForwardCaller
 from captum_normgrad._order1.engine import order1_records
+from captum_normgrad._order1.examples import is_per_example, slice_examples, target_of_examples
 from captum_normgrad._order1.plan import BatchMode
 from captum_normgrad._order1.settings import Order1Settings
 from captum_normgrad.losses import LossSpec
-from captum_normgrad.normgrad import LayerNormGrad, check_finite_inputs
+from captum_normgrad.normgrad import LayerNormGrad
 
 __all__ = ["LayerNormGradAdversarial", "LayerNormGradOrder1"]
 
@@ -80,15 +86,12 @@ def _check_positive(name: str, value: object) -> None:
 
 
 def _check_loss(loss: LossSpec) -> None:
+    check_loss(loss)
     if loss == "output":
         raise ValueError(
             "order 1 takes an SGD step on a training loss; loss='output' (Captum's convention of "
             "backpropagating the raw score) is not a loss to descend. Use loss='cross_entropy' "
             "(default) or a callable loss(outputs, target) -> per-example losses"
-        )
-    if loss != "cross_entropy" and not callable(loss):
-        raise ValueError(
-            f"loss must be 'cross_entropy' or a callable(outputs, target), got {loss!r}"
         )
 
 
@@ -215,11 +218,10 @@ class LayerNormGradOrder1(LayerNormGrad):
                 reason). ``"vmap"`` runs chunks through ``torch.func.vmap`` (about five copies of
                 the trainable parameters per example; refused for full backward hooks and
                 checkpointing). ``"auto"``, on CPU with a cross-entropy loss, takes the factored
-                passes where they run and the layers hold at most 192 MB per example (measured
-                faster than the loop from ResNet-18 at 160x160, 2x, to ResNet-50 at 224x224,
-                1.3x, for more memory: 1.3 GB there against the loop's 0.47 GB), else the loop;
-                on CUDA, vmap with a cross-entropy loss, else the loop. See the README's measured
-                cost.
+                passes where they run and the layers hold at most 192 MB per example (faster
+                than the loop on the models measured, for more memory), else the loop; on CUDA,
+                vmap with a cross-entropy loss, else the loop. The README's measured cost has
+                the times and memory of each mode.
             chunk_size: examples per factored chunk or vmapped call; default: about 768 MB of
                 layer inputs and outputs per factored chunk; for vmap, as many as fit in half the
                 free CUDA memory (a quarter of the available RAM on CPU).
@@ -236,11 +238,16 @@ class LayerNormGradOrder1(LayerNormGrad):
                 ``batch_mode="vmap"`` on a model torch.func cannot run.
             RuntimeError: a layer that never ran, or ran more than once in the forward pass.
         """
+        # The front door, as for every method, then order 1's own hyperparameters: all before
+        # anything about the model is checked or run.
+        check_grad_mode()
+        inputs = checked_inputs(inputs)
+        _check_loss(loss)
+        check_target(target, inputs[0].shape[0], loss)
         _check_positive("eps", eps)
         _check_positive("h_scale", h_scale)
         if hvp not in ("finite_difference", "exact"):
             raise ValueError(f"hvp must be 'finite_difference' or 'exact', got {hvp!r}")
-        _check_loss(loss)
         records = self._order1_records(
             inputs,
             target,
@@ -260,7 +267,7 @@ class LayerNormGradOrder1(LayerNormGrad):
 
     def _order1_records(
         self,
-        inputs: Tensor | tuple[Tensor, ...],
+        inputs: tuple[Tensor, ...],
         target: TargetType,
         additional_forward_args: object,
         attribute_to_layer_input: bool,
@@ -272,16 +279,7 @@ class LayerNormGradOrder1(LayerNormGrad):
     ) -> list[LayerRecord]:
         """Each record gets ``x(theta')`` as its activation and the corrected gradient as its
         gradient, so that order 0's ``_layer_map`` gives the order-1 map."""
-        inputs = format_inputs(inputs)
-        check_finite_inputs(inputs)
-        inputs = tuple(x.detach() for x in inputs)
-        num_examples = inputs[0].shape[0]
-        for index, tensor in enumerate(inputs):
-            if tensor.dim() == 0 or tensor.shape[0] != num_examples:
-                raise ValueError(
-                    f"input {index} has shape {tuple(tensor.shape)}; every input needs the batch of "
-                    f"{num_examples} examples as its first dimension"
-                )
+        inputs = tuple(x.detach() for x in inputs)  # checked by the front door in attribute
         args = format_additional_forward_args(additional_forward_args) or ()
         caller = ForwardCaller(self.model, self.forward_func)
         theta = {
@@ -310,15 +308,46 @@ class LayerNormGradOrder1(LayerNormGrad):
             chunk_size=chunk_size,
             layer_bytes=self._layer_bytes,
             check_first_chunk=functools.partial(
-                self._check_first_chunk, at_input=attribute_to_layer_input
+                self._check_first_chunk,
+                inputs=inputs,
+                target=target,
+                args=args,
+                at_input=attribute_to_layer_input,
+                loss=loss,
             ),
         )
 
-    def _check_first_chunk(self, activations: Sequence[Tensor], at_input: bool) -> None:
-        """What is checked on the first example's (or chunk's) activations, so that a problem is
-        refused before the other examples' passes run: the maps' layout."""
+    def _check_first_chunk(
+        self,
+        activations: Sequence[Tensor],
+        corrected: Sequence[Tensor],
+        *,
+        inputs: tuple[Tensor, ...],
+        target: TargetType,
+        args: tuple,
+        at_input: bool,
+        loss: LossSpec,
+    ) -> None:
+        """What is checked on the first example's (or chunk's) terms, so that a problem is refused
+        before the other examples' passes run: the maps' layout, and, where a layer's corrected
+        gradient is all zeros, whether the layer reaches the loss at all. The passes cannot tell a
+        layer the loss ignores from one whose gradient happens to vanish; order 0's capture can,
+        and is run on the first example only then (it refuses an unreached layer by name)."""
         for layout, activation in zip(self.layouts, activations):
             layout.side(at_input).channels_first(activation)
+        if all(gradient.any() for gradient in corrected):
+            return
+        num_examples = inputs[0].shape[0]
+        per_example = [is_per_example(a, num_examples) for a in args]
+        first = slice_examples(inputs, args, per_example, 0, 1)
+        self._layer_records(
+            first[: len(inputs)],
+            target_of_examples(target, 0, 1, num_examples),
+            first[len(inputs) :] or None,
+            at_input,
+            loss,
+            False,
+        )
 
 
 class LayerNormGradAdversarial(LayerNormGradOrder1):

@@ -30,6 +30,7 @@ from captum_normgrad import (
     LayerNormGradOrder1,
     LayerNormGradSelective,
 )
+from captum_normgrad.training import DifferentiableGradCam, DifferentiableNormGrad
 
 ORDER1 = (LayerNormGradOrder1, LayerNormGradAdversarial)
 METHODS = (LayerNormGrad, LayerNormGradSelective, LayerNormGradConv, *ORDER1)
@@ -204,8 +205,7 @@ def expected_refusal(case: Case, spec: ZooModel, model: nn.Module) -> str | None
         return CONV_ONLY
     if case.method not in ORDER1 and set(case.layers) & set(spec.refused):
         return spec.refusal
-    if case.method not in ORDER1 and case.train and type(model).__name__ == "GoogLeNet":
-        return "forward function returned GoogLeNetOutputs"
+    # GoogLeNet in train mode returns GoogLeNetOutputs: explained from its .logits (issue 20)
     if case.method in ORDER1 and case.train:
         dropout = (nn.Dropout, nn.Dropout2d)
         if any(isinstance(m, dropout) and m.p > 0 for m in model.modules()):
@@ -353,3 +353,51 @@ def test_order1_item_9_train_mode_batchnorm_on_one_example_is_explained(one_thre
     with pytest.raises(ValueError, match="one example at a time"):
         LayerNormGradOrder1(model, model.layer3).attribute(torch.randn(2, 3, 32, 32), target=[0, 1])
     assert_model_unchanged(model, before)
+
+
+# Issue 20: one front door. The same bad input gets the same exception and message from every method,
+# the differentiable maps of training/ included, whatever the model, layer, mode and grad mode.
+FRONT_DOOR_VARIANTS = tuple(v for v in BAD if v != "loss_unknown")  # the training maps take no loss
+DIFFERENTIABLE = (DifferentiableNormGrad, DifferentiableGradCam)
+
+
+def _same_error_outcomes(case: Case, spec: ZooModel) -> dict[str, tuple[type, str]]:
+    model = prepared_model(case, spec)
+    layer = module(model, case.layers[0])
+    images = torch.randn(case.batch, *spec.input_shape)
+    inputs, kwargs = arguments(case, images)
+    target = kwargs.pop("target")
+    calls = {}
+    for method in METHODS:
+        if method is LayerNormGradConv and not isinstance(layer, CONVS):
+            continue
+        extra = {"batch_mode": case.batch_mode} if method in ORDER1 else {}
+        calls[method.__name__] = lambda method=method, extra=extra: method(model, layer).attribute(
+            inputs, target=target, **extra
+        )
+    for method in DIFFERENTIABLE:
+        calls[method.__name__] = lambda method=method: method(model, layer)(inputs, classes=target)
+    outcomes = {}
+    for name, call in calls.items():
+        before = model_snapshot(model)
+        try:
+            with torch.no_grad() if case.no_grad else torch.enable_grad():
+                call()
+            outcomes[name] = (type(None), "accepted")
+        except (ValueError, TypeError, RuntimeError) as error:
+            outcomes[name] = (type(error), str(error))
+        if name not in {m.__name__ for m in DIFFERENTIABLE}:  # their forward is the training step's
+            assert_model_unchanged(model, before)
+    return outcomes
+
+
+@pytest.mark.parametrize("name", sorted(CUSTOM))
+@settings(PROPERTY, max_examples=6)
+@given(data=st.data())
+def test_every_method_gives_the_same_error_for_the_same_bad_input(name, data, one_thread):
+    case = data.draw(cases(CUSTOM, name, LayerNormGrad))
+    case = Case(**{**case.__dict__, "variant": data.draw(st.sampled_from(FRONT_DOOR_VARIANTS))})
+    outcomes = _same_error_outcomes(case, CUSTOM[name])
+    assert len(set(outcomes.values())) == 1, outcomes
+    kind, message = next(iter(outcomes.values()))
+    assert kind in (ValueError, TypeError) and BAD[case.variant] in message, outcomes

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from captum_normgrad._core.captum import TargetType
 from captum_normgrad._core.capture import LayerRecord, layer_name
+from captum_normgrad._core.front_door import full_precision
 from captum_normgrad._core.model_state import preserved_buffers
 from captum_normgrad._core.pause import monitor_paused
 from captum_normgrad._order1.autograd import ForwardCaller, Parameters, differentiable_attention
@@ -128,11 +129,11 @@ def run_passes(
     target: TargetType,
     loss: LossSpec,
     settings: Order1Settings,
-    check_first_chunk: Callable[[Sequence[Tensor]], None],
+    check_first_chunk: Callable[[Sequence[Tensor], Sequence[Tensor]], None],
 ) -> Terms:
     """The passes on every chunk of examples; per layer, the batch's ``x(theta')`` and corrected
-    gradient. ``check_first_chunk(activations)`` runs on the first chunk's activations, so that a
-    problem it finds is refused before the other chunks' passes run."""
+    gradient. ``check_first_chunk(activations, corrected)`` runs on the first chunk's terms, so
+    that a problem it finds is refused before the other chunks' passes run."""
     num_examples = inputs[0].shape[0]
     per_example = [is_per_example(a, num_examples) for a in args]
     resolver = _target_resolver(target, loss, num_examples)
@@ -147,7 +148,7 @@ def run_passes(
             activations.append(chunk_activations)
             corrected.append(chunk_corrected)
             if start == 0:
-                check_first_chunk(chunk_activations)
+                check_first_chunk(chunk_activations, chunk_corrected)
     return (
         [torch.cat(parts) for parts in zip(*activations)],
         [torch.cat(parts) for parts in zip(*corrected)],
@@ -190,7 +191,7 @@ def order1_records(
     batch_mode: BatchMode,
     chunk_size: int | None,
     layer_bytes: dict[tuple, int | None],
-    check_first_chunk: Callable[[Sequence[Tensor]], None],
+    check_first_chunk: Callable[[Sequence[Tensor], Sequence[Tensor]], None],
 ) -> list[LayerRecord]:
     """Each layer's record with ``x(theta')`` as its activation and the corrected gradient as its
     gradient, from the passes the :class:`Plan` chooses; under ``batch_mode="auto"`` the loop
@@ -231,6 +232,8 @@ def order1_records(
         torch.enable_grad(),
         # The fused attention kernels have no vmap rule and no second derivative.
         differentiable_attention(settings.exact_hvp or plan.mode == "vmap"),
+        # A difference of gradients eps / (2h) apart: beyond what an autocast dtype resolves.
+        full_precision(inputs[0].device),
     ):
         if plan.mode == "factored":
             try:

@@ -161,7 +161,7 @@ class LoopPasses:
         self.taps = _Taps(records, at_input)
         self.loss = loss
         # One parameter-sized set of tensors serves theta', then theta + h v and theta - h v, for
-        # every example: a fresh model-sized tensor costs ~3x an in-place update on CPU.
+        # every example: a fresh model-sized tensor costs several in-place updates on CPU.
         self.moved = {name: torch.empty_like(t) for name, t in theta.items()}
         self.leaves = {name: t.requires_grad_() for name, t in self._aliases(theta).items()}
 

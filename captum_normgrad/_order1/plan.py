@@ -68,19 +68,16 @@ class Plan:
 
 
 # The factored passes keep each layer's input and output gradient per example and run a chunk as
-# one batch. Measured with 2 CPU threads at batch 4 (layer bytes per example, time / the loop's):
-# ResNet-18 160x160 (18 MB) 0.5, VGG-16 224 (86 MB) 0.57, MobileNetV2 224 (102 MB) 0.86, ResNet-50
-# 224 (167 MB) 0.9 (0.9 at batch 16), with chunks as equal as they can be (3 + 1 examples had cost
-# ResNet-50 more than the loop). Larger models were not measured: "auto" takes the factored passes
-# up to FACTORED_EXAMPLE_BYTES, and a chunk holds about FACTORED_CHUNK_BYTES of them (ResNet-50,
-# batch 16: chunks of 4 or 6 examples 3.55 training steps, of 3 3.87, of 8 4.31).
+# one batch. "auto" takes them up to FACTORED_EXAMPLE_BYTES of layers per example (the largest
+# model measured faster than the loop), and a chunk holds about FACTORED_CHUNK_BYTES of them: the
+# budgets come from benchmarks/bench_order1.py, whose figures the README's measured cost quotes.
 FACTORED_EXAMPLE_BYTES = 192 << 20
 FACTORED_CHUNK_BYTES = 768 << 20
 FACTORED_CHUNK = 8  # where the sizes cannot be known beforehand
 
 # Per example in a vmapped chunk: the stepped (then shifted) parameters, their gradient, the gradient
-# in flight, and the activations. benchmarks/bench_order1.py measured 3.5 on ResNet-18 at 224x224,
-# activations included; models with few parameters and large activations need an explicit chunk_size.
+# in flight, and the activations (benchmarks/bench_order1.py measures the copies a call takes);
+# models with few parameters and large activations need an explicit chunk_size.
 PARAMETER_COPIES_PER_EXAMPLE = 5
 
 
@@ -231,9 +228,7 @@ def _factored_chunk(
             )
     if chunk_size is None and per_example:
         # One budget for both products: the exact one keeps pass 1's graph but frees the
-        # direction's factors as it goes. ResNet-50 at 224x224: its chunks of 4 took 0.95x
-        # the time of chunks of 2 (batch 4 and 16); MobileNetV2, batch 8: 4 + 4 took 0.96x
-        # the time of 3 + 3 + 2.
+        # direction's factors as it goes (the README's measured cost compares the chunk sizes).
         chunk_size = max(1, FACTORED_CHUNK_BYTES // per_example)
     return chunk_size, None
 
@@ -241,7 +236,7 @@ def _factored_chunk(
 def balanced_chunks(num_examples: int, chunk_size: int) -> list[tuple[int, int]]:
     """``(start, stop)`` of chunks of at most ``chunk_size`` examples, as equal as they can be: 4
     examples in chunks of at most 3 run as 2 + 2, not 3 + 1, since a chunk of one costs nearly what
-    a full one does (ResNet-50, 224x224, 4 examples: 2 + 2 took 0.8-0.9x the time of 3 + 1)."""
+    a full one does (the README's measured cost has the figures)."""
     count = -(-num_examples // chunk_size)
     bounds = [num_examples * i // count for i in range(count + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
@@ -252,7 +247,7 @@ def layer_bytes_per_example(
 ) -> int | None:
     """Bytes of the inputs and outputs of the layers with parameters for ONE example (what the
     factored passes keep per example), from a forward pass on the meta device: shapes only, no
-    arithmetic (ResNet-50: 30 ms). None if the model cannot run on meta tensors."""
+    arithmetic. None if the model cannot run on meta tensors."""
 
     def meta(value: object) -> object:
         return torch.empty_like(value, device="meta") if isinstance(value, Tensor) else value

@@ -23,6 +23,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from captum_normgrad._core.captum import run_forward
 from captum_normgrad._core.capture import LayerRecord, capture_layers, check_each_ran_once
+from captum_normgrad._core.front_door import explained_output
 from captum_normgrad._core.model_state import preserved_buffers
 from captum_normgrad._order1.autograd import ForwardCaller, Parameters, step_size
 from captum_normgrad._order1.examples import is_per_example
@@ -198,7 +199,7 @@ def layers_at_theta(
         preserved_buffers([model]),
         capture_layers(forward_func, layers, at_input=at_input) as records,
     ):
-        outputs = run_forward(forward_func, inputs, None, args or None)
+        outputs = explained_output(run_forward(forward_func, inputs, None, args or None))
     check_each_ran_once(records)
     return records, outputs
 

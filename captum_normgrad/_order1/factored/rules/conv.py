@@ -49,8 +49,8 @@ class ConvRule(MatrixRule):
         self.columns = module.out_channels // self.groups
         self._choices: dict[torch.Size, tuple[bool, bool]] = {}
         # A 1x1 kernel without padding or groups is a matrix product per location: each example's
-        # own weights then run as one batched matrix product, 2-5x faster on CPU than the
-        # convolution grouped by example (ResNet-50's bottlenecks are two thirds 1x1).
+        # own weights then run as one batched matrix product instead of a convolution grouped by
+        # example, which is slow on CPU (measured in benchmarks/bench_order1.py; see the README).
         self.pointwise = (
             self.kernel_size == (1, 1) and tuple(self.padding) == (0, 0) and self.groups == 1
         )
