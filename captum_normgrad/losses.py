@@ -72,7 +72,12 @@ def class_labels(outputs: Tensor, target: TargetType) -> Tensor:
         labels = torch.as_tensor(target, device=outputs.device).long()
         if labels.numel() == 1:
             labels = labels.reshape(1).expand(num_examples)
-        elif labels.dim() != 1 or labels.numel() != num_examples:
+        elif labels.dim() != 1:
+            raise ValueError(
+                f"target has shape {tuple(labels.shape)}; cross-entropy needs one class index per "
+                "example (a list or a 1-D tensor) or a single index"
+            )
+        elif labels.numel() != num_examples:
             raise target_length_error(labels.numel(), num_examples)
     out_of_range = (labels < 0) | (labels >= num_classes)
     if out_of_range.any():

@@ -100,6 +100,11 @@ BAD_CALLS = {
     "target a class name": (lambda x: x, lambda x: "tabby", "target must be"),
     "target out of range": (lambda x: x, lambda x: 7, "target class 7 is out of range"),
     "target too long": (lambda x: x, lambda x: [0, 1, 2], "target has 3 entries"),
+    "target of shape (N, 1)": (
+        lambda x: x,
+        lambda x: torch.tensor([[0], [1]]),
+        "target has shape (2, 1)",
+    ),
     "target of floats": (lambda x: x, lambda x: torch.rand(2), "target must hold integer"),
 }
 
