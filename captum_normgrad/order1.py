@@ -121,7 +121,7 @@ class LayerNormGradOrder1(LayerNormGrad):
     temporarily; the inner passes update only copies of its buffers (BatchNorm in train mode).
 
     The passes run one example at a time with plain autograd (``batch_mode="loop"``, see
-    :mod:`captum_normgrad._order1.loop`), so full backward hooks and non-reentrant activation
+    ``captum_normgrad/_order1/loop.py``), so full backward hooks and non-reentrant activation
     checkpointing work: the maps equal those of the same model without them. The user's full
     backward hooks fire in each backward pass that crosses their module (up to 4 per example).
     Reentrant checkpointing (``use_reentrant=True``) is refused, naming the layer when it is inside
@@ -211,7 +211,7 @@ class LayerNormGradOrder1(LayerNormGrad):
             batch_mode: ``"loop"`` runs the passes on one example at a time with plain autograd
                 (least memory, every model autograd runs). ``"factored"`` runs each pass ONCE for a
                 chunk of examples at the shared parameters, each example's own parameter update
-                added layer by layer from its factors (:mod:`captum_normgrad._order1.factored.passes`;
+                added layer by layer from its factors (``captum_normgrad/_order1/factored/``;
                 the same maps up to rounding); it runs models made of convolutions, linear
                 layers, BatchNorm in evaluation mode and operations that keep the examples apart
                 (checked on the model's ``torch.fx`` graph; anything else is refused with the

@@ -4,7 +4,7 @@
   and their ground truth at the original size, nothing downloaded.
 - :class:`Preprocessing`: resize, crop, normalisation, remembering the region of the original
   image the model sees.
-- :mod:`~captum_normgrad.evaluation.protocol`: TorchRay's pointing game (per class, 15 px at the
+- ``evaluation/protocol.py``: TorchRay's pointing game (per class, 15 px at the
   original size, the EBP difficult subset).
 - :func:`evaluate_dataset`: methods x layers x metrics, per-example rows appended as computed
   (resumable), each image to exactly one process under torchrun, merged by rank 0.

@@ -30,7 +30,7 @@ class World:
 
     @property
     def is_main(self) -> bool:
-        """Rank 0: the process that merges and writes the final files."""
+        """Whether this is rank 0, the process that merges and writes the final files."""
         return self.rank == 0
 
 

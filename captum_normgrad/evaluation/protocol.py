@@ -66,7 +66,7 @@ def pointing_hits(maps: Tensor, masks: Tensor, tolerance: float = 15) -> Tensor:
 
     Args:
         maps: ``(K, 1, H, W)`` maps over the original image
-            (:func:`~captum_normgrad.evaluation.preprocess.maps_at_original_size`).
+            (:func:`~captum_normgrad.evaluation.maps_at_original_size`).
         masks: ``(K, H, W)`` boolean ground truth of each pair's class.
         tolerance: pixels of the original image.
 

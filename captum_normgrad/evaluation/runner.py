@@ -260,8 +260,8 @@ def evaluate_dataset(
             layer gives one row per layer. Input methods (``IntegratedGradients``...) must return
             ``(N, 1, H, W)``: wrap them to reduce the channels.
         out: the output folder, shared by all processes.
-        metrics: any of :data:`captum_normgrad.metrics.METRICS`, whose columns it fills:
-            ``pointing_game`` (TorchRay's, see :mod:`~captum_normgrad.evaluation.protocol`),
+        metrics: any of ``captum_normgrad.metrics.METRICS``, whose columns it fills:
+            ``pointing_game`` (TorchRay's, see :func:`~captum_normgrad.evaluation.pointing_hits`),
             ``localization`` (IoU of the thresholded map's box with the class's boxes, and
             accuracy at IoU >= 0.5), ``deletion`` and ``insertion`` (RISE's curves at the model's
             input, with their areas), ``confidence`` (average drop and increase in confidence)

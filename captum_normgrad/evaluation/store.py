@@ -92,7 +92,7 @@ class ResultsStore:
 
     Args:
         directory: the output folder (shared by all processes, also across machines).
-        columns: the metric columns, after :data:`KEY_COLUMNS`.
+        columns: the metric columns, after the key columns (``KEY_COLUMNS``).
         rank: this process's rank; names its part file.
     """
 

@@ -17,7 +17,7 @@ metric                     what it measures                                     
 =========================  ======================================================  ==========
 
 :func:`evaluate_attributions` runs several methods over a data loader into a :class:`MetricsTable`;
-:data:`METRICS` names the metrics it (and :func:`captum_normgrad.evaluation.evaluate_dataset`)
+``METRICS`` names the metrics it (and :func:`captum_normgrad.evaluation.evaluate_dataset`)
 accepts, with the columns each one fills.
 """
 

@@ -115,7 +115,7 @@ def evaluate_attributions(
             A method returning one map per layer gives one row per layer.
         loader: yields ``(images, labels)`` or ``(images, labels, ground_truth)``, ``ground_truth``
             being boxes (per example a ``(K, 4)`` tensor or ``None``) or ``(N, H, W)`` masks.
-        metrics: any of :data:`~captum_normgrad.metrics.METRICS`: ``"deletion"`` (AUC, lower
+        metrics: any of ``captum_normgrad.metrics.METRICS``: ``"deletion"`` (AUC, lower
             better), ``"insertion"`` (AUC, higher better), ``"confidence"`` (average drop, lower
             better; increase in confidence, higher better), ``"pointing_game"`` (per-class
             accuracy), ``"localization"`` (IoU and accuracy at IoU >= 0.5), ``"selectivity"``

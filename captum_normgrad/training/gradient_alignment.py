@@ -8,7 +8,7 @@ by guided backpropagation", making plain gradients less noisy. For example ``i``
 - plain gradient ``P_i = d s_i / d x_i``, kept in the graph (``create_graph=True``) so the term
   trains the weights by double backpropagation;
 - guided gradient ``G_i``, the same derivative through guided ReLUs (negative gradients stopped,
-  :mod:`~captum_normgrad.training.guided`), detached: a fixed target for this step;
+  :func:`~captum_normgrad.training.guided_relus`), detached: a fixed target for this step;
 - alignment ``A_i = 1 - cos(P_i, G_i)``, the cosine over all input dimensions, in ``[0, 2]``;
 - loss ``L = mean_i [ CE_i + weight * A_i ]``.
 

@@ -25,7 +25,7 @@ __all__ = ["GuidedSwitch", "guided_relus"]
 
 
 class GuidedSwitch:
-    """Turns guided backpropagation on for the gradient computations inside :meth:`on`."""
+    """Turns guided backpropagation on for the gradient computations inside ``on()``."""
 
     def __init__(self) -> None:
         self.active = False

@@ -184,7 +184,7 @@ class DifferentiableGuidedGradCam(DifferentiableGradCam):
     """Guided Grad-CAM for ``classes``: upsampled Grad-CAM times the guided input gradient.
 
     Guided backpropagation runs through the model's ``nn.ReLU`` modules with hooks that exist only
-    inside the call (see :mod:`captum_normgrad.training.guided`); the model is not changed.
+    inside the call (see :func:`~captum_normgrad.training.guided_relus`); the model is not changed.
     """
 
     def _prepare_inputs(self, inputs: Tensor) -> Tensor:
