@@ -29,10 +29,12 @@ import contextlib, io, sys
 from captum_normgrad.cli import main
 statuses = []
 for argv in (["--help"], ["explain", "--help"], ["--version"], ["compare", "--methods", "magic"],
-             ["evaluate", "--steps", "0"], ["compare", "--left", "dog"], ["explain"], []):
+             ["evaluate", "--steps", "0"], ["compare", "--left", "dog"], ["explain"], [],
+             ["explain", "--model", "timm:resnet18"], ["explain", "--model", "hf:nowhere"]):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         statuses.append(main(argv))
-heavy = sorted(m for m in ("torch", "torchvision", "captum", "matplotlib", "numpy") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "torchvision", "captum", "matplotlib", "numpy", "timm",
+                           "transformers") if m in sys.modules)
 print(statuses, heavy)
 """
     result = subprocess.run(
@@ -40,7 +42,9 @@ print(statuses, heavy)
     )
     assert result.returncode == 0, result.stderr
     # --help and --version: 0; every usage error: 1, as the README promises for bad input.
-    assert result.stdout.split() == ["[0,", "0,", "0,", "1,", "1,", "1,", "1,", "1]", "[]"]
+    assert result.stdout.split() == [
+        "[0,", "0,", "0,", "1,", "1,", "1,", "1,", "1,", "1,", "1]", "[]"
+    ]  # fmt: skip
 
 
 def test_python_dash_m_answers_version_and_usage_errors_with_their_status() -> None:

@@ -7,8 +7,8 @@ Three commands over the public API, defaulting to the bundled EfficientNet-Lite0
   composite (a cat beside an espresso); writes the figure and prints time, pointing hits and class
   selectivity per method and layer.
 - ``captum-normgrad explain --image PATH [--target CLASS] [--layers ...] [--methods ...]
-  [--model efficientnet_lite0|<torchvision arch> --weights STATE_DICT.pt]`` (:mod:`.explain`): your
-  own image.
+  [--model efficientnet_lite0|<torchvision arch>|timm:NAME|hf:PATH --weights STATE_DICT.pt]``
+  (:mod:`.explain`): your own image.
 - ``captum-normgrad evaluate`` (:mod:`.evaluate`): the metrics over all bundled photos and
   composites; prints and saves the table and the deletion / insertion curves.
 

@@ -13,6 +13,7 @@ import torch
 from captum.attr import LayerGradCam
 from torch import Tensor, nn
 
+from captum_normgrad._core.front_door import explained_output
 from captum_normgrad._core.layouts import Layout, resolve_layouts
 
 __all__ = ["LayerGradCams", "grad_cam_on_layout"]
@@ -32,7 +33,8 @@ def grad_cam_on_layout(
     handle = layer.register_forward_hook(keep_output)
     try:
         with torch.enable_grad():
-            score = model(inputs).gather(1, torch.as_tensor(target).reshape(-1, 1)).sum()
+            logits = explained_output(model(inputs))
+            score = logits.gather(1, torch.as_tensor(target).reshape(-1, 1)).sum()
             (gradient,) = torch.autograd.grad(score, captured["output"])
     finally:
         handle.remove()
@@ -52,7 +54,11 @@ class LayerGradCams:
         self.layers = list(layers)
         self._model = model
         self._layouts = resolve_layouts(model, self.layers, None)
-        self._cams = [LayerGradCam(model, layer) for layer in self.layers]
+        # Captum scores a tensor: a Hugging Face model's ModelOutput is read for its logits first.
+        self._cams = [LayerGradCam(self._logits, layer) for layer in self.layers]
+
+    def _logits(self, inputs: Tensor) -> Tensor:
+        return explained_output(self._model(inputs))
 
     def attribute(self, inputs: Tensor, target: Any = None, **kwargs: Any) -> list[Tensor]:
         """One Grad-CAM map per layer, ``(N, 1, h, w)``, detached."""

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_normgrad import data
+from captum_normgrad._core.front_door import explained_output
 from captum_normgrad._core.layouts import is_torchvision as _is_torchvision
 from captum_normgrad.cli._errors import CliError
 from captum_normgrad.cli._models import BUNDLED_MODEL, LoadedModel
@@ -77,7 +78,7 @@ class LayerRun:
 
 
 def probe_layers(model: LoadedModel, inputs: Tensor) -> tuple[Tensor, dict[str, LayerRun]]:
-    """One forward pass without gradients: the output and, per named module, what it did."""
+    """One forward pass without gradients: the logits and, per named module, what it did."""
     calls: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...] | None] = {}
 
@@ -92,8 +93,8 @@ def probe_layers(model: LoadedModel, inputs: Tensor) -> tuple[Tensor, dict[str, 
     handles = [module.register_forward_hook(recorder(name)) for name, module in modules]
     try:
         with torch.no_grad():
-            output = model.module(inputs)
-    except RuntimeError as error:
+            output = explained_output(model.module(inputs))  # a ModelOutput's .logits
+    except (RuntimeError, ValueError, AssertionError) as error:  # timm asserts its input size
         raise CliError(f"{model.name} cannot run on this input: {error}") from error
     finally:
         for handle in handles:
@@ -135,6 +136,45 @@ def resolve_layers(
     return [modules[name] for name in names]
 
 
+def _evenly_spaced(names: list[str], count: int) -> list[str]:
+    """``count`` of ``names`` evenly spaced, the first and the last among them."""
+    count = min(count, len(names))
+    step = (len(names) - 1) / max(count - 1, 1)
+    return list(dict.fromkeys(names[round(index * step)] for index in range(count)))
+
+
+def _token_blocks(module: nn.Module) -> tuple[str, nn.Module] | None:
+    """The blocks of a timm or Hugging Face ViT-like model, by name: timm's ``blocks`` (ViT, DeiT,
+    EVA: the models with ``num_prefix_tokens``), Hugging Face's ``<base>.layers`` or
+    ``<base>.encoder.layer`` (ViT, DeiT, DINOv2; the name depends on the transformers version)."""
+    origin = type(module).__module__
+    if origin.startswith("timm.") and hasattr(module, "num_prefix_tokens"):
+        blocks = getattr(module, "blocks", None)
+        return ("blocks", blocks) if isinstance(blocks, nn.Module) else None
+    if origin.startswith("transformers."):
+        base = getattr(module, "base_model_prefix", "")
+        modules = dict(module.named_modules())
+        for name in (f"{base}.layers", f"{base}.encoder.layer", f"{base}.encoder.layers"):
+            if isinstance(modules.get(name), nn.ModuleList):
+                return name, modules[name]
+    return None
+
+
+def _block_norm_names(module: nn.Module, count: int) -> list[str] | None:
+    """A timm or Hugging Face ViT's depths: its blocks' first LayerNorm (timm's ``norm1``, Hugging
+    Face's ``layernorm_before`` or ``norm1``), evenly spaced and ending with the last block's."""
+    found = _token_blocks(module)
+    if found is None:
+        return None
+    prefix, blocks = found
+    names = []
+    for block_name, block in blocks.named_children():
+        norm = next((n for n, m in block.named_children() if isinstance(m, nn.LayerNorm)), None)
+        if norm is not None:
+            names.append(f"{prefix}.{block_name}.{norm}")
+    return _evenly_spaced(names, count) if names else None
+
+
 def _transformer_layer_names(module: nn.Module, count: int) -> list[str] | None:
     """Depths for torchvision's transformers, else ``None``: a ViT's blocks' first LayerNorm, evenly
     spaced and ending with the last block's (its output's patch tokens never reach a class-token
@@ -143,9 +183,7 @@ def _transformer_layer_names(module: nn.Module, count: int) -> list[str] | None:
         blocks = [
             f"encoder.layers.{name}.ln_1" for name, _ in module.encoder.layers.named_children()
         ]
-        step = (len(blocks) - 1) / max(count - 1, 1)
-        picked = [blocks[round(index * step)] for index in range(min(count, len(blocks)))]
-        return list(dict.fromkeys(picked))
+        return _evenly_spaced(blocks, count)
     if _is_torchvision(module, "SwinTransformer") or _is_torchvision(module, "ConvNeXt"):
         # features: stem, then stages alternating with downsampling (PatchMerging, LayerNorm2d+conv).
         return [f"features.{index}" for index in range(1, len(module.features), 2)][-count:]
@@ -153,11 +191,14 @@ def _transformer_layer_names(module: nn.Module, count: int) -> list[str] | None:
 
 
 def default_layer_names(model: LoadedModel, count: int = 4) -> list[str]:
-    """The bundled model's four depths, the depths of torchvision's ViT, Swin and ConvNeXt, or
-    ``count`` convolutions evenly spaced through the model."""
+    """The bundled model's four depths, the depths of torchvision's ViT, Swin and ConvNeXt, the
+    blocks' first LayerNorm of a timm or Hugging Face ViT, or ``count`` convolutions evenly spaced
+    through the model (timm's and Hugging Face's CNNs, ConvNeXts and Swins among them)."""
     if model.name == BUNDLED_MODEL:
         return list(data.EFFICIENTNET_LITE0_LAYERS)
-    transformer = _transformer_layer_names(model.module, count)
+    transformer = _transformer_layer_names(model.module, count) or _block_norm_names(
+        model.module, count
+    )
     if transformer is not None:
         return transformer
     convs = [name for name, m in model.module.named_modules() if isinstance(m, nn.Conv2d)]

@@ -1,12 +1,16 @@
-"""The model the command line explains: the bundled EfficientNet-Lite0 or a torchvision architecture.
+"""The model the command line explains: the bundled EfficientNet-Lite0, a torchvision or timm
+architecture (``timm:NAME``), or a local Hugging Face folder (``hf:PATH``).
 
 A model that cannot be built or a weights file that does not fit raises :class:`CliError` with one
 line meant to be printed as is (the valid names, the first mismatching key). Nothing is downloaded:
-a torchvision architecture gets its random initial weights or the user's local state dict.
+a torchvision or timm architecture gets its random initial weights or the user's local state dict
+(:mod:`captum_normgrad.cli._external_models` builds the timm and Hugging Face ones).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import difflib
 import pickle
 import zipfile
@@ -19,6 +23,12 @@ from torch import Tensor, nn
 from captum_normgrad import data
 from captum_normgrad._core.asset_names import BUNDLED_MODEL
 from captum_normgrad.cli._errors import CliError
+from captum_normgrad.cli._external_models import (
+    HF_PREFIX,
+    TIMM_PREFIX,
+    load_huggingface,
+    load_timm,
+)
 
 __all__ = ["BUNDLED_MODEL", "LoadedModel", "load_model"]
 
@@ -28,13 +38,15 @@ class LoadedModel:
     """A model ready to explain, with what the command line needs around it.
 
     Attributes:
-        name: ``efficientnet_lite0`` or a torchvision architecture name.
+        name: ``efficientnet_lite0``, a torchvision architecture name, ``timm:NAME`` or ``hf:PATH``.
         module: the model, in eval mode.
         class_names: one name per output class (``class 0``, ... when the names are unknown).
         mean: the normalisation mean the model was trained with.
         std: the normalisation std.
         names_missing: why ``class_names`` are placeholders (e.g. the extra that provides the
             ImageNet names is not installed), or ``None`` when they are real.
+        image_size: the image side the model was configured for (timm's ``pretrained_cfg``, a
+            Hugging Face config), or ``None`` when it does not say.
     """
 
     name: str
@@ -43,6 +55,7 @@ class LoadedModel:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     names_missing: str | None = None
+    image_size: int | None = None
 
     def prepare(self, image: Tensor) -> Tensor:
         """A ``(3, H, W)`` image in [0, 1] -> a normalised batch of one for this model."""
@@ -63,6 +76,13 @@ def _is_torch_file(path: Path) -> bool:
         return handle.read(1) == b"\x80"
 
 
+def _checkpoint_globals() -> contextlib.AbstractContextManager:
+    """timm's training checkpoints also hold their ``argparse.Namespace`` of arguments, plain data
+    that ``weights_only`` may accept (torch >= 2.5 can be told so)."""
+    allow = getattr(torch.serialization, "safe_globals", None)
+    return allow([argparse.Namespace]) if allow is not None else contextlib.nullcontext()
+
+
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise CliError(f"weights file not found: {path}")
@@ -72,7 +92,8 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             "torch.save(model.state_dict(), PATH)"
         )
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with _checkpoint_globals():
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # weights_only refused an object
         raise CliError(
             f"weights file {path} holds Python objects besides tensors, which are never loaded "
@@ -84,7 +105,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             f"cannot read weights file {path} ({type(error).__name__}: {reason}); is it complete?"
         ) from error
     if isinstance(loaded, dict):
-        for key in ("state_dict", "model"):  # common checkpoint wrappers
+        for key in ("state_dict", "model"):  # common checkpoint wrappers (timm's, for one)
             if isinstance(loaded.get(key), dict):
                 loaded = loaded[key]
     if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
@@ -136,12 +157,26 @@ def _load_weights(model: nn.Module, name: str, path: Path) -> None:
     raise CliError(f"weights in {path} are not for the architecture {name}: " + ", ".join(problems))
 
 
-def load_model(name: str, weights: str | None = None, num_classes: int = 1000) -> LoadedModel:
-    """The bundled EfficientNet-Lite0, or a torchvision architecture with a local state dict.
+def load_model(
+    name: str, weights: str | None = None, num_classes: int | None = None
+) -> LoadedModel:
+    """The bundled EfficientNet-Lite0, a torchvision or timm architecture with a local state dict,
+    or the Hugging Face image classifier saved in a local folder.
 
-    Without ``weights`` a torchvision architecture keeps its random initial weights (useful only
-    to try the command); nothing is ever downloaded.
+    Without ``weights`` a torchvision or timm architecture keeps its random initial weights (useful
+    only to try the command); nothing is ever downloaded. ``num_classes`` defaults to 1000; a
+    Hugging Face model takes its classes (and their names) from its config.
     """
+    if name.startswith(HF_PREFIX):
+        if weights is not None:
+            raise CliError(f"--model {name} holds its own weights; drop --weights")
+        module, image_size, labels = load_huggingface(name)
+        if num_classes is not None and num_classes != len(labels):
+            raise CliError(f"{name} has {len(labels)} classes (its config's); drop --num-classes")
+        mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
+        return LoadedModel(name, module.eval(), labels, mean, std, None, image_size)
+    num_classes = num_classes or 1000
+    image_size = None
     if name == BUNDLED_MODEL:
         if num_classes != 1000:
             raise CliError(f"{BUNDLED_MODEL} has 1000 classes; drop --num-classes")
@@ -150,6 +185,9 @@ def load_model(name: str, weights: str | None = None, num_classes: int = 1000) -
         except ImportError as error:
             raise CliError(str(error)) from error
         mean, std = data.EFFICIENTNET_LITE_MEAN, data.EFFICIENTNET_LITE_STD
+    elif name.startswith(TIMM_PREFIX):
+        module, image_size = load_timm(name, num_classes)
+        mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
     else:
         import torchvision
 
@@ -158,8 +196,8 @@ def load_model(name: str, weights: str | None = None, num_classes: int = 1000) -
             close = difflib.get_close_matches(name, [BUNDLED_MODEL, *architectures], n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise CliError(
-                f"unknown model {name!r}: use {BUNDLED_MODEL} or a torchvision classification "
-                f"architecture (e.g. resnet18, vgg16){hint}"
+                f"unknown model {name!r}: use {BUNDLED_MODEL}, a torchvision classification "
+                f"architecture (e.g. resnet18, vgg16), timm:NAME or hf:PATH{hint}"
             )
         module = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
         mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
@@ -173,4 +211,6 @@ def load_model(name: str, weights: str | None = None, num_classes: int = 1000) -
             class_names, names_missing = data.imagenet_class_names(), None
         except ImportError as error:  # says which extra to install
             names_missing = str(error)
-    return LoadedModel(name, module, class_names, tuple(mean), tuple(std), names_missing)
+    return LoadedModel(
+        name, module, class_names, tuple(mean), tuple(std), names_missing, image_size
+    )

@@ -1,9 +1,9 @@
 """``captum-normgrad explain``: maps of several methods at several depths for the user's own image.
 
-The model is the bundled EfficientNet-Lite0 or a torchvision architecture with a local state dict
-(:mod:`captum_normgrad.cli._models`); the target is a class index, an exact class name or the top-1
-prediction. Every path the user gave is checked before the model is loaded; heavy imports happen
-inside :func:`run`, so ``--help`` does not pay for torch.
+The model is the bundled EfficientNet-Lite0, a torchvision or timm architecture with a local state
+dict, or a local Hugging Face folder (:mod:`captum_normgrad.cli._models`); the target is a class
+index, an exact class name or the top-1 prediction. Every path the user gave is checked before the
+model is loaded; heavy imports happen inside :func:`run`, so ``--help`` does not pay for torch.
 """
 
 from __future__ import annotations
@@ -28,24 +28,26 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     explain.add_argument(
         "--model",
         default=BUNDLED_MODEL,
-        help=f"{BUNDLED_MODEL} (bundled, pretrained) or a torchvision architecture name, e.g. "
-        "resnet50, vit_b_16, swin_t, convnext_tiny (transformer maps are laid on their grid)",
+        help=f"{BUNDLED_MODEL} (bundled, pretrained), a torchvision architecture name, e.g. "
+        "resnet50, vit_b_16, swin_t, convnext_tiny (transformer maps are laid on their grid), "
+        "timm:NAME (timm's architecture, e.g. timm:resnet50; the timm extra) or hf:PATH (a local "
+        "save_pretrained folder of a Hugging Face image classifier; the huggingface extra)",
     )
     explain.add_argument(
         "--weights",
-        help="a local state dict for --model (loaded with torch.load(weights_only=True))",
+        help="a local state dict (or timm checkpoint) for a torchvision or timm --model (loaded "
+        "with torch.load(weights_only=True))",
     )
     explain.add_argument(
         "--num-classes",
         type=positive_int,
-        default=1000,
-        help="outputs of a torchvision --model (default: %(default)s)",
+        help="outputs of a torchvision or timm --model (default: 1000; an hf: model's config says)",
     )
     explain.add_argument(
         "--image-size",
         type=positive_int,
-        default=224,
-        help="side of the centre crop the model sees (default: %(default)s)",
+        help="side of the centre crop the model sees (default: the image size of a timm or hf: "
+        "model's config, else 224)",
     )
     add_common_options(
         explain,
@@ -61,11 +63,14 @@ def run(args: argparse.Namespace) -> int:
     """Maps of the chosen methods at the chosen layers for the user's own image."""
     from pathlib import Path
 
+    from captum_normgrad.cli._external_models import HF_PREFIX, check_huggingface_folder
     from captum_normgrad.cli._inputs import read_image
     from captum_normgrad.cli._outputs import check_output_folder, writing
 
     out = check_output_folder(args.out)  # the paths first: before any computation
     photo = read_image(args.image)
+    if args.model.startswith(HF_PREFIX):
+        check_huggingface_folder(args.model)
 
     import torch
 
@@ -83,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, args.weights, args.num_classes)
     target = resolve_target(model, args.target)
-    image = data.center_crop(photo, args.image_size)
+    image = data.center_crop(photo, args.image_size or model.image_size or 224)
     inputs = model.prepare(image)
     logits, runs = probe_layers(model, inputs)
     layer_names = args.layers or default_layer_names(model)
