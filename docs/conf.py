@@ -25,6 +25,12 @@ exclude_patterns = ["_build", "jupyter_execute", "**.ipynb_checkpoints"]
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+# Aliases shown by name, not expanded into their unions.
+autodoc_type_aliases = {
+    "LossSpec": "captum_normgrad.losses.LossSpec",
+    "TargetType": "TargetType",
+    "ReshapeTransform": "ReshapeTransform",
+}
 autodoc_default_options = {"members": True, "show-inheritance": True}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
@@ -39,7 +45,8 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(Tensor|nn\..*|Path|Callable|Sequence|Iterable|Iterator|Mapping|Literal)"),
     # Private aliases in signatures: ReshapeTransform is Callable[[Tensor], Tensor] (documented with
     # the argument), the rest live under the private _core tree.
-    (r"py:class", r"ReshapeTransform|captum_normgrad\._.*"),
+    # Captum's TargetType: None, an int, a tuple, a list of them or a tensor (as the argument says).
+    (r"py:class", r"ReshapeTransform|TargetType|captum_normgrad\._.*"),
 ]
 
 myst_enable_extensions = ["colon_fence"]
@@ -48,6 +55,7 @@ nb_execution_mode = "auto"  # executes a notebook only where it has no outputs y
 nb_execution_timeout = 600
 nb_execution_raise_on_error = True
 nb_merge_streams = True
+nb_output_stderr = "remove"  # warnings printed by third-party progress bars are not content
 
 
 def _copy_tutorials(app: object) -> None:
