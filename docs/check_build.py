@@ -2,7 +2,9 @@
 
 - every public name of the four packages is in the site's inventory (it has an API entry);
 - every tutorial page shows figures, and every image a page refers to was written;
-- the home page shows the compare figure.
+- the home page shows the compare figure;
+- where Chromium is installed (Debian's ``chromium``), the home page and a tutorial page are
+  rendered headless to ``screenshots/`` beside the site, to look at.
 
     python docs/check_build.py docs/_build/html
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,7 +55,30 @@ def problems(site: Path) -> list[str]:
     return found
 
 
+def screenshots(site: Path) -> list[str]:
+    """Headless Chromium renders two pages; an empty or missing picture is a problem."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        return []
+    folder = site.parent / "screenshots"
+    folder.mkdir(exist_ok=True)
+    found = []
+    for page in ("index.html", "tutorials/01_normgrad_vs_gradcam.html"):
+        picture = folder / (page.replace("/", "_").removesuffix(".html") + ".png")
+        command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+        command += [
+            "--window-size=1280,1600",
+            f"--screenshot={picture}",
+            (site / page).resolve().as_uri(),
+        ]
+        subprocess.run(command, capture_output=True, timeout=120, check=False)
+        if not picture.is_file() or picture.stat().st_size < 10_000:
+            found.append(f"headless Chromium drew no picture of {page}")
+    return found
+
+
 if __name__ == "__main__":
-    listed = problems(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/_build/html"))
+    site = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/_build/html")
+    listed = problems(site) + screenshots(site)
     print("\n".join(listed) or "the built site has every public name and every figure")
     sys.exit(1 if listed else 0)
