@@ -3,8 +3,8 @@
 A module acting on the last dim (``nn.Linear``, ``nn.LayerNorm`` over one size, ``nn.RMSNorm``, a
 batch-first ``nn.Transformer*`` layer, ``nn.Embedding``) puts the channels last; one acting on dim
 1 (a convolution, a batch, group or instance norm, a pooling, timm's ``LayerNorm2d``) first; a
-torchvision ``Permute`` says what it does. A module that decides nothing (an activation, a
-dropout, a custom module without parameters) is judged by the deciding module registered before it
+torchvision ``Permute`` says what it does. A leaf that decides nothing and holds no parameters (an
+activation, a dropout) is judged by the deciding module registered before it
 in its container (an ``nn.Sequential``'s order is its forward's), else by its container; a
 container by its last deciding child in an ``nn.Sequential``, by its children where they all agree
 in other containers. Channels last in a model no registry knows is refused with the transform to
@@ -100,8 +100,8 @@ def _kind_at(path: list[nn.Module]) -> Kind | None:
     registered before it in its container: a Sequential's order is its forward's; elsewhere the
     registration order stands for it), else its container's, up the path."""
     kind = _own_kind(path[-1])
-    if kind is not None:
-        return kind
+    if kind is not None or path[-1]._modules or next(path[-1].parameters(), None) is not None:
+        return kind  # a container or a module with parameters of its own decides by itself
     for depth in range(len(path) - 1, 0, -1):
         parent, child = path[depth - 1], path[depth]
         siblings = list(parent.children())
