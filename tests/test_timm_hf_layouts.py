@@ -11,6 +11,7 @@ from torch import nn
 from transformer_models import activation_and_gradient, grid_of, last_dim_norm, order1_reference
 
 from captum_normgrad import LayerNormGrad, LayerNormGradOrder1
+from captum_normgrad.training import NormGradMonitor
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -218,3 +219,20 @@ def test_unknown_token_model_with_an_ambiguous_shape_is_refused_naming_the_layer
             ValueError, match=r"layer 'mix' has an activation of shape \([12], 8, 8\).*TokensToGrid"
         ):
             method(model, model.mix).attribute(pixels, target=[0, 1])
+
+
+def test_the_monitor_lays_out_timm_and_hugging_face_layers_as_the_methods(one_thread):
+    """The training monitor resolves the same layouts: its map from the step's own backward
+    equals LayerNormGrad's."""
+    problems = [
+        family for family in FAMILIES if family[0] in ("timm-swin-mlp", "hf-dinov2-registers")
+    ]
+    for _, model, get_layer, _, size in problems:
+        model, layer = model.double().eval(), get_layer(model)
+        images, labels = torch.randn(2, 3, *size, dtype=torch.float64), torch.tensor([0, 4])
+        expected = LayerNormGrad(model, layer).attribute(images, target=labels)
+        with NormGradMonitor(model, layer) as monitor:
+            nn.functional.cross_entropy(Logits(model)(images), labels).backward()
+        model.zero_grad(set_to_none=True)
+        (maps,) = monitor.latest.maps.values()
+        torch.testing.assert_close(maps, expected)

@@ -63,6 +63,8 @@ class ArchitectureGrid(TokensToGrid):
         self.dynamic = dynamic
 
     def __call__(self, tensor: Tensor) -> Tensor:
+        if tensor.dim() == 2:
+            return tensor  # pooled (N, C): one axis, the channels
         if tensor.dim() == 4 and self.num_prefix_tokens == 0:
             return channels_last_to_first(tensor)
         if tensor.dim() != 3:
@@ -139,20 +141,23 @@ class Layout:
     def _refusal(self, tensor: Tensor) -> str:
         shape = tuple(tensor.shape)
         if self.refusal.fix:
-            fix = self.refusal.fix
+            fix = f"{self.refusal.fix}, or pass a reshape_transform"
         elif tensor.dim() == 3:
             fix = (
                 "For ViT tokens (N, T, C) pass reshape_transform=TokensToGrid(num_prefix_tokens=1) "
                 "(the class token; 0 without one, 2 for DeiT, 5 with 4 registers; grid_size=(h, w) "
                 "for a non-square grid); a sequence-first (T, N, C) layer (batch_first=False) "
-                "needs a transform that also moves the batch first"
+                "needs a transform that also moves the batch first (from captum_normgrad)"
             )
         else:
-            fix = "For channels-last (N, H, W, C) pass reshape_transform=channels_last_to_first"
+            fix = (
+                "For channels-last (N, H, W, C) pass reshape_transform=channels_last_to_first "
+                "(from captum_normgrad)"
+            )
         return (
             f"layer '{self.name}' has an activation of shape {shape} whose layout is not known: "
             f"{self.refusal.reason}. NormGrad's norms run over dim 1 and could run over the wrong "
-            f"axis. {fix} (both from captum_normgrad). If the channels really are at dim 1, pass "
+            f"axis. {fix}. If the channels really are at dim 1, pass "
             "reshape_transform=lambda x: x"
         )
 

@@ -38,7 +38,8 @@ def _vision_transformer(model: nn.Module, below: list[nn.Module]) -> tuple[Kind,
         tokens = ArchitectureGrid(0, _grid(model), f"timm {name}", dynamic)
         return FIRST if top is below[-1] else tokens, tokens
     if any(
-        top is getattr(model, part, None) for part in ("fc_norm", "head_drop", "head", "head_dist")
+        top is getattr(model, part, None)
+        for part in ("attn_pool", "fc_norm", "head_drop", "head", "head_dist")
     ):
         return FIRST, FIRST  # after the pooling: (N, C)
     refusal = inside_attention(below, ("attn",))
@@ -56,8 +57,9 @@ def _swin(model: nn.Module, below: list[nn.Module]) -> tuple[Kind, Kind]:
         if len(below) >= 2 and below[1] is top.proj:
             return FIRST, FIRST
         return FIRST if top is below[-1] else LAST, LAST
-    if top is model.head:
-        return LAST, FIRST
+    if top is model.head:  # the pooling reads (N, H, W, C), the rest (N, C)
+        reads_stage = len(below) == 1 or below[1] is getattr(top, "global_pool", None)
+        return LAST if reads_stage else FIRST, FIRST
     refusal = inside_attention(below, ("attn",), windowed=True)
     if refusal is not None:
         return refusal, refusal
