@@ -51,7 +51,7 @@ nitpick_ignore_regex = [
 
 myst_enable_extensions = ["colon_fence"]
 myst_heading_anchors = 3
-nb_execution_mode = "auto"  # executes a notebook only where it has no outputs yet
+nb_execution_mode = "force"  # except the tests' executed copies, marked execution_mode "off"
 nb_execution_timeout = 600
 nb_execution_raise_on_error = True
 nb_merge_streams = True
