@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformer_models import activation_and_gradient, grid_of, last_dim_norm, order1_reference
 
-from captum_normgrad import LayerNormGrad, LayerNormGradOrder1
+from captum_normgrad import LayerNormGrad, LayerNormGradOrder1, TokensToGrid
 from captum_normgrad.training import NormGradMonitor
 
 timm = pytest.importorskip("timm")
@@ -121,23 +121,34 @@ def _families():
 
 
 FAMILIES = _families()
+# Run at another input size than configured: the token count cannot tell the grid's shape (a
+# 16 x 64 input fills 16 tokens as a 32 x 32 one does), so the grid is given, never guessed.
+RUN_TIME_GRIDS = {
+    "timm-vit-dynamic-blocks": TokensToGrid(num_prefix_tokens=1, grid_size=(6, 6)),
+    "hf-swin-run-time-grid": TokensToGrid(num_prefix_tokens=0, grid_size=(6, 6)),
+}
 
 
 @pytest.fixture(params=FAMILIES, ids=[family[0] for family in FAMILIES])
 def family(request, one_thread):
-    _, model, get_layer, to_channels_last, size = request.param
+    family_id, model, get_layer, to_channels_last, size = request.param
     model = model.double().eval()
     for name, parameter in model.named_parameters():
         if name.endswith("mask_token"):  # DINOv2's, unused without a mask: the reference needs
             parameter.requires_grad_(False)  # every parameter it differentiates to be used
     torch.manual_seed(1)
     images = torch.randn(2, 3, *size, dtype=torch.float64)
-    return model, get_layer(model), to_channels_last, images, torch.tensor([1, 3])
+    layer = get_layer(model)
+    transform = RUN_TIME_GRIDS.get(family_id)
+    if transform is not None:
+        with pytest.raises(ValueError, match=r"grid_size=\(h, w\)"):
+            LayerNormGrad(model, layer).attribute(images, target=torch.tensor([1, 3]))
+    return model, layer, to_channels_last, images, torch.tensor([1, 3]), transform
 
 
 def test_order0_equals_the_hand_made_map(family):
-    model, layer, to_channels_last, images, labels = family
-    maps = LayerNormGrad(model, layer).attribute(images, target=labels)
+    model, layer, to_channels_last, images, labels, transform = family
+    maps = LayerNormGrad(model, layer, reshape_transform=transform).attribute(images, target=labels)
     activation, gradient = activation_and_gradient(Logits(model), layer, images, labels)
     expected = last_dim_norm(to_channels_last(activation)) * last_dim_norm(
         to_channels_last(gradient)
@@ -148,9 +159,9 @@ def test_order0_equals_the_hand_made_map(family):
 
 
 def test_order1_equals_the_hand_made_map(family):
-    model, layer, to_channels_last, images, labels = family
+    model, layer, to_channels_last, images, labels, transform = family
     eps = 1e-3
-    maps = LayerNormGradOrder1(model, layer).attribute(
+    maps = LayerNormGradOrder1(model, layer, reshape_transform=transform).attribute(
         images, target=labels, eps=eps, batch_mode="loop"
     )
     expected = order1_reference(Logits(model), layer, images, labels, to_channels_last, eps, 0.5)

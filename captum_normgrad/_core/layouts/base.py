@@ -46,9 +46,9 @@ class ArchitectureGrid(TokensToGrid):
     tokens ``(N, T, C)`` (``num_prefix_tokens`` first) on the model's patch grid.
 
     The grid is the model's configured one (read from its attributes); a model that takes other
-    input sizes (``dynamic``) gives another token count at call time, laid on the square grid it
-    fills where the configured grid is square, else refused asking for ``grid_size``. Which axis
-    holds the channels is never chosen here: the architecture says they are last.
+    input sizes (``dynamic``) gives another token count at call time, which is refused asking for
+    ``grid_size``: the count alone cannot tell the grid's shape. Which axis holds the channels is
+    never chosen here: the architecture says they are last.
     """
 
     def __init__(
@@ -75,17 +75,15 @@ class ArchitectureGrid(TokensToGrid):
         patches = tensor.shape[1] - self.num_prefix_tokens
         grid = self.grid_size
         if grid is not None and grid[0] * grid[1] != patches:
-            side = round(patches**0.5)
-            if self.dynamic and grid[0] == grid[1] and side * side == patches:
-                grid = (side, side)
-            else:
-                raise ValueError(
-                    f"the {self.model} tokens of shape {tuple(tensor.shape)} hold {patches} patch "
-                    f"tokens after {self.num_prefix_tokens} prefix token(s), not the "
-                    f"{grid[0]} x {grid[1]} grid of its configured image size; pass "
-                    f"reshape_transform=TokensToGrid(num_prefix_tokens={self.num_prefix_tokens}, "
-                    "grid_size=(h, w)) with the grid of this input"
-                )
+            # Another input size (a model with dynamic image sizes): the token count alone cannot
+            # tell a 32 x 8 grid from a 16 x 16 one, so the grid is asked for, never guessed.
+            raise ValueError(
+                f"the {self.model} tokens of shape {tuple(tensor.shape)} hold {patches} patch "
+                f"tokens after {self.num_prefix_tokens} prefix token(s), not the "
+                f"{grid[0]} x {grid[1]} grid of its configured image size; pass "
+                f"reshape_transform=TokensToGrid(num_prefix_tokens={self.num_prefix_tokens}, "
+                "grid_size=(h, w)) with the grid of this input"
+            )
         return TokensToGrid(self.num_prefix_tokens, grid)(tensor)
 
     def __repr__(self) -> str:

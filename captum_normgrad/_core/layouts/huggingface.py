@@ -5,7 +5,7 @@
   counted from the model, on the grid ``config.image_size / config.patch_size``; the patch
   embedding's own output has no prefix. Inside an attention only the projections hold tokens.
 - Swin: tokens ``(N, H * W, C)`` at every stage, on the stage's grid (the patch grid halved once per
-  patch merging; another input size's grid at call time when it is square); the window attention is
+  patch merging; another input size's grid is asked for, never guessed); the window attention is
   refused.
 - ConvNeXt: channels first, except the norm and the pointwise ``Linear`` layers inside a
   ``ConvNextLayer`` (channels last).
