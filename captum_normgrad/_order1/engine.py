@@ -103,10 +103,9 @@ def _target_resolver(
         def resolve_target(outputs: Tensor) -> object:
             nonlocal labels
             if start == 0:
-                batch_outputs = outputs
-                if isinstance(outputs, Tensor):  # (anything else is refused by name just below)
-                    first = outputs if stop - start == 1 else outputs[:1]
-                    batch_outputs = first.repeat(num_examples, *[1] * (first.dim() - 1))
+                # (outputs are a tensor: ForwardCaller explains them through the front door)
+                first = outputs if stop - start == 1 else outputs[:1]
+                batch_outputs = first.repeat(num_examples, *[1] * (first.dim() - 1))
                 per_example_loss(batch_outputs, target, loss)
                 if loss == "cross_entropy" and target is not None:
                     labels = class_labels(batch_outputs, target)
