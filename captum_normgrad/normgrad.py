@@ -38,7 +38,7 @@ from captum_normgrad._core.front_door import (
     checked_inputs,
 )
 from captum_normgrad._core.layer_map import channel_norm, check_finite_map, laid_out
-from captum_normgrad._core.layouts import ReshapeTransform, resolve_layouts
+from captum_normgrad._core.layouts import ReshapeTransform, recording_grids, resolve_layouts
 from captum_normgrad._core.model_state import models_behind, preserved_buffers
 from captum_normgrad.losses import LossSpec, per_example_loss
 
@@ -169,10 +169,16 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
             RuntimeError: a layer that never ran, ran more than once in the forward pass, or ran
                 with grad disabled (reentrant checkpointing); a map that overflows the dtype.
         """
-        records = self._layer_records(
-            inputs, target, additional_forward_args, attribute_to_layer_input, loss, create_graph
-        )
-        maps = self._maps(records, create_graph)
+        with recording_grids(self.layouts):
+            records = self._layer_records(
+                inputs,
+                target,
+                additional_forward_args,
+                attribute_to_layer_input,
+                loss,
+                create_graph,
+            )
+            maps = self._maps(records, create_graph)
         return maps if self._returns_list else maps[0]
 
     def _layer_records(

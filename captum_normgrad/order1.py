@@ -43,7 +43,7 @@ from captum_normgrad._core.front_door import (
     check_target,
     checked_inputs,
 )
-from captum_normgrad._core.layouts import ReshapeTransform
+from captum_normgrad._core.layouts import ReshapeTransform, recording_grids
 from captum_normgrad._core.model_state import models_behind
 from captum_normgrad._order1.autograd import ForwardCaller
 from captum_normgrad._order1.engine import order1_records
@@ -248,21 +248,22 @@ class LayerNormGradOrder1(LayerNormGrad):
         _check_positive("h_scale", h_scale)
         if hvp not in ("finite_difference", "exact"):
             raise ValueError(f"hvp must be 'finite_difference' or 'exact', got {hvp!r}")
-        records = self._order1_records(
-            inputs,
-            target,
-            additional_forward_args,
-            attribute_to_layer_input,
-            loss,
-            Order1Settings(
-                learning_rate=self._inner_learning_rate(float(eps)),
-                h_scale=float(h_scale),
-                exact_hvp=hvp == "exact",
-            ),
-            batch_mode=batch_mode,
-            chunk_size=chunk_size,
-        )
-        maps = self._maps(records)
+        with recording_grids(self.layouts):
+            records = self._order1_records(
+                inputs,
+                target,
+                additional_forward_args,
+                attribute_to_layer_input,
+                loss,
+                Order1Settings(
+                    learning_rate=self._inner_learning_rate(float(eps)),
+                    h_scale=float(h_scale),
+                    exact_hvp=hvp == "exact",
+                ),
+                batch_mode=batch_mode,
+                chunk_size=chunk_size,
+            )
+            maps = self._maps(records)
         return maps if self._returns_list else maps[0]
 
     def _order1_records(

@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_state import assert_model_unchanged, model_snapshot
 from torch import nn
 from transformer_models import activation_and_gradient, grid_of, last_dim_norm, order1_reference
 
-from captum_normgrad import LayerNormGrad, LayerNormGradOrder1, TokensToGrid
+from captum_normgrad import (
+    LayerNormGrad,
+    LayerNormGradAdversarial,
+    LayerNormGradConv,
+    LayerNormGradOrder1,
+    LayerNormGradSelective,
+)
 from captum_normgrad.training import NormGradMonitor
 
 timm = pytest.importorskip("timm")
@@ -77,11 +84,16 @@ def _families():
          lambda m: m.blocks[1], tokens(0, 4, 4), (32, 32)),
         ("timm-deit-distilled", VisionTransformerDistilled(img_size=32, **VIT),
          lambda m: m.blocks[0].norm1, tokens(2, 4, 4), (32, 32)),
+        # Run at another size with the configured count of patches (2 x 8 and 4 x 4 hold 16): only
+        # the grid of the call tells them apart.
         ("timm-vit-dynamic-blocks", VisionTransformer(img_size=32, dynamic_img_size=True, **VIT),
-         lambda m: m.blocks[0], tokens(1, 6, 6), (48, 48)),
+         lambda m: m.blocks[0], tokens(1, 2, 8), (16, 64)),
         ("timm-vit-dynamic-patch-embed",
          VisionTransformer(img_size=32, dynamic_img_size=True, **VIT),
-         lambda m: m.patch_embed, nhwc, (48, 48)),
+         lambda m: m.patch_embed, nhwc, (16, 64)),
+        ("timm-swin-dynamic-mlp", SwinTransformer(img_size=32, patch_size=4, window_size=2,
+         embed_dim=16, depths=(1, 1), num_heads=(2, 2), num_classes=5, strict_img_size=False,
+         dynamic_img_size=True), lambda m: m.layers[1].blocks[0].mlp, tokens(0, 2, 8), (16, 64)),
         ("timm-eva", Eva(img_size=32, **VIT), lambda m: m.blocks[0], tokens(1, 4, 4), (32, 32)),
         ("timm-swin-stage", SwinTransformer(img_size=32, patch_size=4, window_size=2,
          embed_dim=16, depths=(1, 1), num_heads=(2, 2), num_classes=5),
@@ -102,6 +114,8 @@ def _families():
          intermediate_size=64, **HF_VIT), lambda m: _hf_blocks(m)[0], tokens(2, 4, 4), (32, 32)),
         ("hf-dinov2", _hf(t.Dinov2Config, t.Dinov2ForImageClassification, mlp_ratio=2, **HF_VIT),
          lambda m: _hf_blocks(m)[0], tokens(1, 4, 4), (32, 32)),
+        ("hf-dinov2-other-size", _hf(t.Dinov2Config, t.Dinov2ForImageClassification,
+         mlp_ratio=2, **HF_VIT), lambda m: _hf_blocks(m)[1], tokens(1, 2, 8), (16, 64)),
         ("hf-dinov2-registers", _hf(t.Dinov2WithRegistersConfig,
          t.Dinov2WithRegistersForImageClassification, mlp_ratio=2, num_register_tokens=2,
          **HF_VIT), lambda m: _hf_blocks(m)[0], tokens(3, 4, 4), (32, 32)),
@@ -110,7 +124,7 @@ def _families():
          lambda m: m.swin.encoder.layers[1].blocks[0].layernorm_after, tokens(0, 4, 4), (32, 32)),
         ("hf-swin-run-time-grid", _hf(t.SwinConfig, t.SwinForImageClassification, image_size=32,
          patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2),
-         lambda m: m.swin.layernorm, tokens(0, 6, 6), (48, 48)),
+         lambda m: m.swin.layernorm, tokens(0, 2, 8), (16, 64)),
         ("hf-convnext-inside", _hf(t.ConvNextConfig, t.ConvNextForImageClassification,
          hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
          lambda m: m.convnext.encoder.stages[1].layers[0].pwconv2, nhwc, (32, 32)),
@@ -121,34 +135,23 @@ def _families():
 
 
 FAMILIES = _families()
-# Run at another input size than configured: the token count cannot tell the grid's shape (a
-# 16 x 64 input fills 16 tokens as a 32 x 32 one does), so the grid is given, never guessed.
-RUN_TIME_GRIDS = {
-    "timm-vit-dynamic-blocks": TokensToGrid(num_prefix_tokens=1, grid_size=(6, 6)),
-    "hf-swin-run-time-grid": TokensToGrid(num_prefix_tokens=0, grid_size=(6, 6)),
-}
 
 
 @pytest.fixture(params=FAMILIES, ids=[family[0] for family in FAMILIES])
 def family(request, one_thread):
-    family_id, model, get_layer, to_channels_last, size = request.param
+    _, model, get_layer, to_channels_last, size = request.param
     model = model.double().eval()
     for name, parameter in model.named_parameters():
         if name.endswith("mask_token"):  # DINOv2's, unused without a mask: the reference needs
             parameter.requires_grad_(False)  # every parameter it differentiates to be used
     torch.manual_seed(1)
     images = torch.randn(2, 3, *size, dtype=torch.float64)
-    layer = get_layer(model)
-    transform = RUN_TIME_GRIDS.get(family_id)
-    if transform is not None:
-        with pytest.raises(ValueError, match=r"grid_size=\(h, w\)"):
-            LayerNormGrad(model, layer).attribute(images, target=torch.tensor([1, 3]))
-    return model, layer, to_channels_last, images, torch.tensor([1, 3]), transform
+    return model, get_layer(model), to_channels_last, images, torch.tensor([1, 3])
 
 
 def test_order0_equals_the_hand_made_map(family):
-    model, layer, to_channels_last, images, labels, transform = family
-    maps = LayerNormGrad(model, layer, reshape_transform=transform).attribute(images, target=labels)
+    model, layer, to_channels_last, images, labels = family
+    maps = LayerNormGrad(model, layer).attribute(images, target=labels)
     activation, gradient = activation_and_gradient(Logits(model), layer, images, labels)
     expected = last_dim_norm(to_channels_last(activation)) * last_dim_norm(
         to_channels_last(gradient)
@@ -159,9 +162,9 @@ def test_order0_equals_the_hand_made_map(family):
 
 
 def test_order1_equals_the_hand_made_map(family):
-    model, layer, to_channels_last, images, labels, transform = family
+    model, layer, to_channels_last, images, labels = family
     eps = 1e-3
-    maps = LayerNormGradOrder1(model, layer, reshape_transform=transform).attribute(
+    maps = LayerNormGradOrder1(model, layer).attribute(
         images, target=labels, eps=eps, batch_mode="loop"
     )
     expected = order1_reference(Logits(model), layer, images, labels, to_channels_last, eps, 0.5)
@@ -230,6 +233,52 @@ def test_unknown_token_model_with_an_ambiguous_shape_is_refused_naming_the_layer
             ValueError, match=r"layer 'mix' has an activation of shape \([12], 8, 8\).*TokensToGrid"
         ):
             method(model, model.mix).attribute(pixels, target=[0, 1])
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        (LayerNormGrad, {}),
+        (LayerNormGradSelective, {}),
+        (LayerNormGradConv, {}),
+        (LayerNormGradOrder1, {"batch_mode": "loop"}),
+        (LayerNormGradOrder1, {"batch_mode": "vmap"}),
+        (LayerNormGradAdversarial, {"batch_mode": "loop"}),
+    ],
+    ids=["order0", "selective", "conv", "order1-loop", "order1-vmap", "adversarial"],
+)
+def test_every_method_reads_the_grid_of_the_call_and_leaves_no_hook(method, options, one_thread):
+    """A 16 x 64 image on a ViT configured for 32 x 32 makes 16 patch tokens, as a 32 x 32 one
+    does: every method lays them on the 2 x 8 grid of the call, and its grid hooks are gone after
+    the call; the next call, at the configured size, gets the 4 x 4 grid."""
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, dynamic_img_size=True, **VIT).double().eval()
+    layer = model.blocks[0].mlp.fc2  # a Linear, for LayerNormGradConv too
+    before = model_snapshot(model)
+    explainer = method(model, layer)
+    for size, grid in (((16, 64), (2, 8)), ((32, 32), (4, 4))):
+        images = torch.randn(2, 3, *size, dtype=torch.float64)
+        maps = explainer.attribute(images, target=[1, 3], **options)
+        assert maps.shape == (2, 1, *grid)
+        assert torch.isfinite(maps).all() and maps.abs().max() > 0
+    assert_model_unchanged(model, before)
+
+
+def test_the_monitor_lays_out_each_step_on_its_own_grid(one_thread):
+    """Training steps at two sizes with the same token count: each map on its step's grid."""
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, dynamic_img_size=True, **VIT).double().eval()
+    layer = model.blocks[0]
+    batches = [torch.randn(2, 3, *size, dtype=torch.float64) for size in ((16, 64), (32, 32))]
+    labels = torch.tensor([0, 4])
+    expected = [LayerNormGrad(model, layer).attribute(x, target=labels) for x in batches]
+    with NormGradMonitor(model, layer, history=2) as monitor:
+        for images in batches:
+            nn.functional.cross_entropy(model(images), labels).backward()
+            model.zero_grad(set_to_none=True)
+    maps = [next(iter(step.maps.values())) for step in monitor.history]
+    assert [m.shape for m in maps] == [(2, 1, 2, 8), (2, 1, 4, 4)]
+    torch.testing.assert_close(maps, expected)
 
 
 def test_the_monitor_lays_out_timm_and_hugging_face_layers_as_the_methods(one_thread):

@@ -14,7 +14,7 @@ from captum.attr import LayerGradCam
 from torch import Tensor, nn
 
 from captum_normgrad._core.front_door import explained_output
-from captum_normgrad._core.layouts import Layout, resolve_layouts
+from captum_normgrad._core.layouts import Layout, recording_grids, resolve_layouts
 
 __all__ = ["LayerGradCams", "grad_cam_on_layout"]
 
@@ -30,17 +30,18 @@ def grad_cam_on_layout(
         captured["output"] = output
         return output.clone()  # what was kept cannot be changed by an in-place op downstream
 
-    handle = layer.register_forward_hook(keep_output)
-    try:
-        with torch.enable_grad():
-            logits = explained_output(model(inputs))
-            score = logits.gather(1, torch.as_tensor(target).reshape(-1, 1)).sum()
-            (gradient,) = torch.autograd.grad(score, captured["output"])
-    finally:
-        handle.remove()
-    layout.check_patches_reach_loss(gradient)
-    activation = layout.channels_first(captured["output"].detach())
-    gradient = layout.channels_first(gradient)
+    with recording_grids([layout]):
+        handle = layer.register_forward_hook(keep_output)
+        try:
+            with torch.enable_grad():
+                logits = explained_output(model(inputs))
+                score = logits.gather(1, torch.as_tensor(target).reshape(-1, 1)).sum()
+                (gradient,) = torch.autograd.grad(score, captured["output"])
+        finally:
+            handle.remove()
+        layout.check_patches_reach_loss(gradient)
+        activation = layout.channels_first(captured["output"].detach())
+        gradient = layout.channels_first(gradient)
     weights = gradient.mean(dim=tuple(range(2, gradient.dim())), keepdim=True)
     return torch.relu((weights * activation).sum(dim=1, keepdim=True))
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
@@ -33,7 +34,12 @@ from torch.utils.hooks import RemovableHandle
 
 from captum_normgrad._core.capture import layer_name
 from captum_normgrad._core.layer_map import channel_norm
-from captum_normgrad._core.layouts import ReshapeTransform, resolve_layouts
+from captum_normgrad._core.layouts import (
+    Layout,
+    ReshapeTransform,
+    recording_grids,
+    resolve_layouts,
+)
 from captum_normgrad._core.pause import ignored_while_paused, is_paused, monitor_paused
 
 __all__ = ["MonitoredStep", "NormGradMonitor", "monitor_paused"]
@@ -145,6 +151,7 @@ class NormGradMonitor:
         self.loss_reduction = loss_reduction
         self._history: deque[MonitoredStep] = deque(maxlen=history)
         self._handles: list[RemovableHandle] = []
+        self._grids = ExitStack()  # the patch grids of token layers, recorded while entered
         self._pending: _PendingStep | None = None
         self._recording = False
         self.steps_seen = 0
@@ -166,6 +173,8 @@ class NormGradMonitor:
         self._pending = None
         self._recording = False
         try:
+            # First, so that a token layer's patch grid is known when its hook runs.
+            self._grids.enter_context(recording_grids(self.layouts))
             self._handles.append(self.model.register_forward_pre_hook(self._start_step))
             for index, layer in enumerate(self.layers):
                 self._handles.append(layer.register_forward_hook(self._layer_hook(index)))
@@ -191,6 +200,7 @@ class NormGradMonitor:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._grids.close()
         if self._pending is not None:
             self._pending.remove_hooks()
             self._pending = None
@@ -239,9 +249,11 @@ class NormGradMonitor:
             _check_output(output, args, name)
             # Taken now, before any in-place operation downstream can change the activation; the
             # gradient hook below likewise receives the gradient of the value seen here.
-            layout = self.layouts[index]
+            layout = self.layouts[index].frozen()  # this forward's grid, for its backward too
             pending.activation_norms[index] = channel_norm(layout.channels_first(output.detach()))
-            pending.handles.append(output.register_hook(self._gradient_hook(pending, index)))
+            pending.handles.append(
+                output.register_hook(self._gradient_hook(pending, index, layout))
+            )
 
         return hook
 
@@ -260,13 +272,14 @@ class NormGradMonitor:
                 "modules the model actually calls"
             )
 
-    def _gradient_hook(self, pending: _PendingStep, index: int) -> Callable[[Tensor], None]:
+    def _gradient_hook(
+        self, pending: _PendingStep, index: int, layout: Layout
+    ) -> Callable[[Tensor], None]:
         def hook(gradient: Tensor) -> None:
             if is_paused():
                 return
             with torch.no_grad():
                 activation_norm = pending.activation_norms[index]
-                layout = self.layouts[index]
                 layout.check_patches_reach_loss(gradient)
                 layer_map = activation_norm * channel_norm(layout.channels_first(gradient.detach()))
                 if self.loss_reduction == "mean":

@@ -42,7 +42,7 @@ from captum_normgrad._core.front_door import (
     explained_output,
 )
 from captum_normgrad._core.layer_map import channel_norm, laid_out
-from captum_normgrad._core.layouts import ReshapeTransform, resolve_layouts
+from captum_normgrad._core.layouts import ReshapeTransform, recording_grids, resolve_layouts
 from captum_normgrad._core.pause import monitor_paused
 from captum_normgrad.losses import class_labels
 from captum_normgrad.training.guided import GuidedSwitch, guided_relus
@@ -116,6 +116,7 @@ class DifferentiableSaliency:
         inputs = tuple(self._prepare_inputs(x) for x in inputs)
         with (
             torch.enable_grad(),
+            recording_grids([self.layout]),
             capture_layers(self.model, [self.layer], at_input=False) as records,
             self._hooks() as guide,
         ):

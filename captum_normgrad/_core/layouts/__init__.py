@@ -11,6 +11,8 @@ looking map over the wrong axis. Each attributed layer therefore gets a
   looked up along the class's MRO, so subclasses are recognised) to a rule that reads the model's
   own attributes (:mod:`.torchvision`, :mod:`.timm`, :mod:`.huggingface`), for the innermost
   recognised model on the path to the layer;
+  (the patch grid a token layout needs is read from the call itself, :mod:`.grid`: every method
+  runs inside :func:`recording_grids`);
 - else from the module that produced the activation (:mod:`.generic`): channels first for a
   convolution's, refused (with the transform to pass) for a token or channels-last module's or
   where nothing decides and the activation has more than one axis that could be the channels.
@@ -35,10 +37,18 @@ from captum_normgrad._core.layouts.base import (
     path_to,
 )
 from captum_normgrad._core.layouts.generic import generic_kinds
+from captum_normgrad._core.layouts.grid import recording_grids
 from captum_normgrad._core.model_state import models_behind
 from captum_normgrad.reshape import channels_last_to_first
 
-__all__ = ["REGISTRY", "Layout", "ReshapeTransform", "is_torchvision", "resolve_layouts"]
+__all__ = [
+    "REGISTRY",
+    "Layout",
+    "ReshapeTransform",
+    "is_torchvision",
+    "recording_grids",
+    "resolve_layouts",
+]
 
 Rule = Callable[[nn.Module, list[nn.Module]], tuple[Kind, Kind]]
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from captum_normgrad.reshape import TokensToGrid, channels_last_to_first
+from captum_normgrad._core.layouts.grid import ArchitectureGrid
+from captum_normgrad.reshape import TokensToGrid
 
 __all__ = [
     "FIRST",
@@ -41,58 +42,6 @@ class Refusal:
 Kind = object  # FIRST, LAST, a Refusal, or a reshape transform
 
 
-class ArchitectureGrid(TokensToGrid):
-    """The layout a recognised architecture gives a layer: ``(N, H, W, C)`` channels last, or
-    tokens ``(N, T, C)`` (``num_prefix_tokens`` first) on the model's patch grid.
-
-    The grid is the model's configured one (read from its attributes); a model that takes other
-    input sizes (``dynamic``) gives another token count at call time, which is refused asking for
-    ``grid_size``: the count alone cannot tell the grid's shape. Which axis holds the channels is
-    never chosen here: the architecture says they are last.
-    """
-
-    def __init__(
-        self,
-        num_prefix_tokens: int,
-        grid_size: tuple[int, int] | None,
-        model: str,
-        dynamic: bool = False,
-    ) -> None:
-        super().__init__(num_prefix_tokens, grid_size)
-        self.model = model
-        self.dynamic = dynamic
-
-    def __call__(self, tensor: Tensor) -> Tensor:
-        if tensor.dim() == 2:
-            return tensor  # pooled (N, C): one axis, the channels
-        if tensor.dim() == 4 and self.num_prefix_tokens == 0:
-            return channels_last_to_first(tensor)
-        if tensor.dim() != 3:
-            raise ValueError(
-                f"a {self.model} layer laid out as tokens (N, T, C) or (N, H, W, C) gave shape "
-                f"{tuple(tensor.shape)}; pass a reshape_transform"
-            )
-        patches = tensor.shape[1] - self.num_prefix_tokens
-        grid = self.grid_size
-        if grid is not None and grid[0] * grid[1] != patches:
-            # Another input size (a model with dynamic image sizes): the token count alone cannot
-            # tell a 32 x 8 grid from a 16 x 16 one, so the grid is asked for, never guessed.
-            raise ValueError(
-                f"the {self.model} tokens of shape {tuple(tensor.shape)} hold {patches} patch "
-                f"tokens after {self.num_prefix_tokens} prefix token(s), not the "
-                f"{grid[0]} x {grid[1]} grid of its configured image size; pass "
-                f"reshape_transform=TokensToGrid(num_prefix_tokens={self.num_prefix_tokens}, "
-                "grid_size=(h, w)) with the grid of this input"
-            )
-        return TokensToGrid(self.num_prefix_tokens, grid)(tensor)
-
-    def __repr__(self) -> str:
-        return (
-            f"ArchitectureGrid({self.model}: num_prefix_tokens={self.num_prefix_tokens}, "
-            f"grid_size={self.grid_size})"
-        )
-
-
 @dataclass(frozen=True)
 class Layout:
     """How one layer's activation becomes ``(N, C, *S)``.
@@ -115,6 +64,15 @@ class Layout:
     def channels_first_for_sure(self) -> bool:
         """No transform and nothing that could refuse: the activation is taken as it is."""
         return self.transform is None and self.refusal is None
+
+    def frozen(self) -> Layout:
+        """This layout with the patch grid recorded for the current call fixed (see :mod:`.grid`):
+        for a gradient laid out after the model may have run again (the training monitor)."""
+        transform = self.transform
+        if isinstance(transform, ArchitectureGrid):
+            transform = transform.frozen()
+        input_side = None if self.input_side is None else self.input_side.frozen()
+        return Layout(self.name, transform, self.refusal, input_side)
 
     def side(self, at_input: bool) -> Layout:
         """The layout of the layer's input (``at_input``) or output."""

@@ -2,11 +2,11 @@
 
 - ViT, DeiT (with teacher: class and distillation tokens), DINOv2 (with and without registers):
   tokens ``(N, T, C)`` after the embeddings, the prefix tokens (class, distillation, registers)
-  counted from the model, on the grid ``config.image_size / config.patch_size``; the patch
+  counted from the model, on the patch grid of the call (read from the patch embedding's
+  convolution: another input size with ``interpolate_pos_encoding`` has another grid); the patch
   embedding's own output has no prefix. Inside an attention only the projections hold tokens.
-- Swin: tokens ``(N, H * W, C)`` at every stage, on the stage's grid (the patch grid halved once per
-  patch merging; another input size's grid is asked for, never guessed); the window attention is
-  refused.
+- Swin: tokens ``(N, H * W, C)`` at every stage, on the stage's grid (the call's patch grid halved
+  once per patch merging); the window attention is refused.
 - ConvNeXt: channels first, except the norm and the pointwise ``Linear`` layers inside a
   ``ConvNextLayer`` (channels last).
 
@@ -15,30 +15,21 @@ Layers returning tuples (an attention, a Swin stage) are refused by the capture 
 
 from __future__ import annotations
 
-import math
-
 from torch import nn
 
-from captum_normgrad._core.layouts.base import (
-    FIRST,
-    LAST,
-    ArchitectureGrid,
-    Kind,
-    inside_attention,
-)
+from captum_normgrad._core.layouts.base import FIRST, LAST, Kind, inside_attention
+from captum_normgrad._core.layouts.grid import ArchitectureGrid, GridSource, grid_of_conv_output
 
 __all__ = ["REGISTRY"]
 
 
-def _pair(value: object) -> tuple[int, int]:
-    if isinstance(value, (list, tuple)):
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
-
-
-def _patch_grid(config: object) -> tuple[int, int]:
-    image, patch = _pair(config.image_size), _pair(config.patch_size)
-    return image[0] // patch[0], image[1] // patch[1]
+def _tokens(base: nn.Module, num_prefix_tokens: int, name: str, halvings: int = 0) -> Kind:
+    """Tokens on the grid of the call, read from the patch embedding's convolution (ViT, DeiT and
+    DINOv2 take other sizes with ``interpolate_pos_encoding``, Swin any size), halved once per
+    patch merging before a Swin stage."""
+    projection = base.embeddings.patch_embeddings.projection
+    source = GridSource(projection, grid_of_conv_output, halvings)
+    return ArchitectureGrid(num_prefix_tokens, None, name, source)
 
 
 def _base_and_below(model: nn.Module, below: list[nn.Module]) -> tuple[nn.Module, list[nn.Module]]:
@@ -66,8 +57,6 @@ def _vit(model: nn.Module, below: list[nn.Module]) -> tuple[Kind, Kind]:
     if not inner:
         return FIRST, FIRST  # the model, a head or the pooler: (N, C)
     name = f"Hugging Face {type(model).__name__}"
-    grid = _patch_grid(base.config)
-    dynamic = "Dinov2" in type(base).__name__  # DINOv2 interpolates its position embeddings
     top = inner[0]
     if top is getattr(base, "pooler", None):
         return FIRST, FIRST
@@ -76,13 +65,13 @@ def _vit(model: nn.Module, below: list[nn.Module]) -> tuple[Kind, Kind]:
         if len(inner) >= 2 and inner[1] is patches:
             if len(inner) >= 3:
                 return FIRST, FIRST  # the projection
-            return FIRST, ArchitectureGrid(0, grid, name, dynamic)
+            return FIRST, _tokens(base, 0, name)
         if top is inner[-1]:
-            return FIRST, ArchitectureGrid(_prefix_tokens(base), grid, name, dynamic)
+            return FIRST, _tokens(base, _prefix_tokens(base), name)
     refusal = inside_attention(inner, ("attention",))
     if refusal is not None:
         return refusal, refusal
-    tokens = ArchitectureGrid(_prefix_tokens(base), grid, name, dynamic)
+    tokens = _tokens(base, _prefix_tokens(base), name)
     return tokens, tokens
 
 
@@ -91,13 +80,12 @@ def _swin(model: nn.Module, below: list[nn.Module]) -> tuple[Kind, Kind]:
     name = f"Hugging Face {type(model).__name__}"
     if not inner or inner[0] is getattr(base, "pooler", None):
         return FIRST, FIRST
-    height, width = _patch_grid(base.config)
     top = inner[0]
     if top is base.embeddings:
         patches = top.patch_embeddings
         if len(inner) >= 2 and inner[1] is patches:
-            return FIRST, FIRST if len(inner) >= 3 else ArchitectureGrid(0, (height, width), name)
-        tokens = ArchitectureGrid(0, (height, width), name, dynamic=True)
+            return FIRST, FIRST if len(inner) >= 3 else _tokens(base, 0, name)
+        tokens = _tokens(base, 0, name)
         return tokens, tokens
     refusal = inside_attention(inner, ("attention",), windowed=True)
     if refusal is not None:
@@ -113,13 +101,7 @@ def _swin(model: nn.Module, below: list[nn.Module]) -> tuple[Kind, Kind]:
             inside = inner.index(stage.downsample) < len(inner) - 1
             halvings_in = halvings_out if inside else index
 
-    def at(halvings: int) -> ArchitectureGrid:
-        grid = (height, width)
-        for _ in range(halvings):
-            grid = (math.ceil(grid[0] / 2), math.ceil(grid[1] / 2))
-        return ArchitectureGrid(0, grid, name, dynamic=True)
-
-    return at(halvings_in), at(halvings_out)
+    return _tokens(base, 0, name, halvings_in), _tokens(base, 0, name, halvings_out)
 
 
 def _convnext(model: nn.Module, below: list[nn.Module]) -> tuple[Kind, Kind]:
