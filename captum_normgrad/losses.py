@@ -8,10 +8,16 @@ Three choices, named by the ``loss`` argument of every method:
 
 - ``"cross_entropy"`` (default, the paper): ``outputs`` are ``(N, num_classes)`` logits and ``target``
   gives one class index per example. ``target=None`` uses the model's top-1 prediction as the label.
+  A segmenter's ``(N, K, *S)`` output (or the ``"out"`` entry of torchvision's dict) takes the
+  per-pixel cross-entropy, each example's the mean over its labelled pixels: ``target`` a mask
+  ``(N, *S)`` (255 and -100 ignored), a class (the pixels predicted as it) or ``None`` (the model's
+  own prediction everywhere). An example left with no labelled pixel is refused, naming it.
 - ``"output"`` (Captum's convention, as ``LayerGradCam``): backpropagate the selected output itself,
-  ``target`` in any form Captum accepts.
-- a callable ``loss(outputs, target) -> (N,)`` per-example losses, for segmentation, regression or
-  detection heads.
+  ``target`` in any form Captum accepts. On a segmenter's output a class (one per example or one
+  for all) gives Captum's segmentation-tutorial score: the class's scores summed over the pixels
+  predicted as it.
+- a callable ``loss(outputs, target) -> (N,)`` per-example losses, for regression or detection
+  heads.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from captum_normgrad._core.captum import TargetType, select_targets
+from captum_normgrad._core.dense_targets import dense_cross_entropy, dense_labels, region_scores
 from captum_normgrad._core.front_door import (
     check_loss,
     check_target_form,
@@ -35,6 +42,20 @@ from captum_normgrad._core.front_door import (
 __all__ = ["LossSpec", "check_target_form", "class_labels", "per_example_loss"]
 
 LossSpec = Literal["cross_entropy", "output"] | Callable[[Tensor, TargetType], Tensor]
+
+
+def loss_labels(outputs: Tensor, target: TargetType, first_example: int = 0) -> Tensor:
+    """The labels of the methods' cross-entropy: :func:`class_labels` for ``(N, num_classes)``
+    logits, one label per location ``(N, *S)`` (ignored pixels -100) for a segmenter's
+    ``(N, K, *S)`` scores (see the module docstring).
+
+    Args:
+        first_example: the batch index of ``outputs[0]``, for messages.
+    """
+    if outputs.dim() > 2:
+        check_target_form(target)
+        return dense_labels(outputs, target, first_example)
+    return class_labels(outputs, target)
 
 
 def class_labels(outputs: Tensor, target: TargetType) -> Tensor:
@@ -86,9 +107,28 @@ def class_labels(outputs: Tensor, target: TargetType) -> Tensor:
     return labels
 
 
+def cross_entropy_of_labels(outputs: Tensor, labels: Tensor) -> Tensor:
+    """The per-example cross-entropy ``(N,)`` of labels from :func:`loss_labels` (no check of its
+    own: it runs inside order 1's passes, under torch.func too)."""
+    if outputs.dim() > 2:
+        return dense_cross_entropy(outputs, labels)
+    return F.cross_entropy(outputs, labels, reduction="none")
+
+
+def _is_class_target(target: TargetType) -> bool:
+    if is_index(target):
+        return True
+    if isinstance(target, list):
+        return all(is_index(entry) for entry in target)
+    return isinstance(target, Tensor) and target.dim() <= 1
+
+
 def _selected_outputs(outputs: Tensor, target: TargetType) -> Tensor:
-    """Captum's target selection, with its assertions turned into messages that name the problem."""
+    """Captum's target selection, with its assertions turned into messages that name the problem;
+    on a segmenter's output a class selects Captum's segmentation-tutorial score."""
     num_examples = outputs.shape[0]
+    if outputs.dim() > 2 and _is_class_target(target):
+        return region_scores(outputs, target)
     if (
         isinstance(target, int)
         and outputs.dim() >= 2
@@ -145,7 +185,7 @@ def per_example_loss(outputs: Tensor, target: TargetType, loss: LossSpec) -> Ten
             raise ValueError(
                 f"cross-entropy needs floating-point logits, got dtype {outputs.dtype}"
             )
-        return F.cross_entropy(outputs, class_labels(outputs, target), reduction="none")
+        return cross_entropy_of_labels(outputs, loss_labels(outputs, target))
     if loss == "output":
         check_target_form(target)
         return _selected_outputs(outputs, target)

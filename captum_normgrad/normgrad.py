@@ -147,7 +147,10 @@ class LayerNormGrad(LayerAttribution, GradientAttribution):
             target: the class (or output index) each example is explained for, in any form Captum
                 accepts: an ``int``, a list or 1-D tensor with one entry per example, a tuple (for
                 multi-dimensional outputs with ``loss="output"``). ``None`` with cross-entropy
-                uses the model's top-1 prediction as the label.
+                uses the model's top-1 prediction as the label. A segmenter (output
+                ``(N, K, *S)`` or torchvision's ``{"out": ...}``) also takes a mask ``(N, *S)``
+                (255 and -100 ignored); a class there is the region predicted as it
+                (:mod:`captum_normgrad.losses`).
             additional_forward_args: extra arguments passed to ``forward_func`` after the inputs.
             attribute_to_layer_input: take ``x`` and ``g`` at the layer's input instead of output.
             loss: what is backpropagated (see :mod:`captum_normgrad.losses`): ``"cross_entropy"``

@@ -162,7 +162,9 @@ class _Wrapped(nn.Module):
         if self.how == "tuple":
             return logits, logits.detach()
         if self.how == "dict":
-            return {"out": logits}
+            return {"scores": logits}  # no "out": which entry is explained is not known
+        if self.how == "segmenter dict":  # torchvision's segmenters: explained from "out"
+            return {"out": logits, "aux": 2 * logits}
         return SimpleNamespace(logits=logits, hidden_states=None)  # a Hugging Face ModelOutput
 
 
@@ -182,13 +184,14 @@ def test_a_forward_returning_a_tuple_or_dict_is_refused_alike_by_every_method(ho
     assert_model_unchanged(model, before)
 
 
-def test_an_output_with_logits_is_explained_from_its_logits_at_every_order():
-    wrapped = _Wrapped("logits")
+@pytest.mark.parametrize("how", ["logits", "segmenter dict"])
+def test_an_output_with_logits_is_explained_from_its_logits_at_every_order(how):
+    wrapped = _Wrapped(how)
     bare = wrapped.net
     images = _images()
     for name, call in _callers(wrapped, wrapped.net[3]).items():
         expected = _callers(bare, bare[3])[name](images, [0, 1])
-        if name.endswith("[factored]"):  # torch.fx cannot trace an arbitrary output object
+        if name.endswith("[factored]") and how == "logits":  # fx traces a dict, not any object
             with pytest.raises(ValueError, match=FACTORED_REFUSAL):
                 call(images, [0, 1])
             continue

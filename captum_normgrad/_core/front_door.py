@@ -19,7 +19,7 @@ train-mode BatchNorm that cannot normalise one example, say):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from numbers import Integral
 
@@ -163,9 +163,11 @@ def explained_output(outputs: object) -> Tensor:
     """What the forward function returned, as the tensor the loss is built from.
 
     A tensor is itself. An output that carries a ``.logits`` tensor (a Hugging Face
-    ``ModelOutput``, any object of that shape) is explained from its logits, at every order.
-    Anything else (a tuple, a dict, a list) is refused: which of its entries to explain is the
-    user's choice, made by wrapping the model.
+    ``ModelOutput``, any object of that shape) is explained from its logits, and a dict with an
+    ``"out"`` tensor (torchvision's segmenters: ``{"out": ..., "aux": ...}``) from ``"out"``, the
+    prediction (the auxiliary head only adds to the training loss), at every order. Anything else
+    (a tuple, another dict, a list) is refused: which of its entries to explain is the user's
+    choice, made by wrapping the model.
 
     Raises:
         ValueError: naming the type the forward returned.
@@ -175,11 +177,14 @@ def explained_output(outputs: object) -> Tensor:
     logits = getattr(outputs, "logits", None)
     if isinstance(logits, Tensor):
         return logits
+    if isinstance(outputs, Mapping) and isinstance(outputs.get("out"), Tensor):
+        return outputs["out"]
     kind = type(outputs).__name__
+    keys = f" with keys {list(outputs)}" if isinstance(outputs, Mapping) else ""
     raise ValueError(
-        f"the forward function returned a {kind}, not a tensor; wrap the model so it returns the "
-        "tensor to explain (an output with a .logits tensor, such as a Hugging Face ModelOutput, "
-        "is explained from its logits)"
+        f"the forward function returned a {kind}{keys}, not a tensor; wrap the model so it "
+        "returns the tensor to explain (an output with a .logits tensor, such as a Hugging Face "
+        "ModelOutput, is explained from its logits; a dict from its 'out' entry)"
     )
 
 

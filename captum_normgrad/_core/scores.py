@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from captum_normgrad._core.front_door import explained_output
 from captum_normgrad._core.model_state import models_behind, preserved_buffers
 
 __all__ = ["Score", "Target", "chunked_scores", "resolve_labels"]
@@ -21,7 +22,9 @@ __all__ = ["Score", "Target", "chunked_scores", "resolve_labels"]
 Score = Literal["probability", "output"] | Callable[[Tensor], Tensor]
 """How outputs become the score a metric tracks: ``"probability"`` (softmax over classes, as RISE
 and Grad-CAM++), ``"output"`` (the raw output, e.g. a logit) or a callable ``(B, K) -> (B, K)``
-(e.g. ``torch.sigmoid`` for multi-label models)."""
+(e.g. ``torch.sigmoid`` for multi-label models). A segmenter's ``(B, K, *S)`` scores (or the
+``"out"`` of torchvision's dict) are scored per pixel the same way, then averaged over the image's
+pixels: the class's mean probability over the image."""
 
 Target = int | list[int] | Tensor | None
 """The class each example is scored for: one index for all, one per example, or ``None`` for the
@@ -35,9 +38,12 @@ def _check_positive_int(value: object, name: str) -> int:
 
 
 def _target_scores(outputs: object, labels: Tensor, score: Score) -> Tensor:
-    if not isinstance(outputs, Tensor) or outputs.dim() != 2:
-        shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
-        raise ValueError(f"the model must return (B, num_classes) scores, got {shape}")
+    outputs = explained_output(outputs)
+    if outputs.dim() < 2:
+        raise ValueError(
+            "the model must return (B, num_classes) scores (or (B, K, H, W) segmentation scores), "
+            f"got {tuple(outputs.shape)}"
+        )
     bad = (labels < 0) | (labels >= outputs.shape[1])
     if bad.any():
         raise ValueError(
@@ -49,7 +55,10 @@ def _target_scores(outputs: object, labels: Tensor, score: Score) -> Tensor:
         outputs = score(outputs)
     elif score != "output":
         raise ValueError(f"score must be 'probability', 'output' or a callable, got {score!r}")
-    return outputs.gather(1, labels[:, None])[:, 0]
+    if outputs.dim() == 2:
+        return outputs.gather(1, labels[:, None])[:, 0]
+    index = labels.view(-1, 1, *[1] * (outputs.dim() - 2)).expand(-1, 1, *outputs.shape[2:])
+    return outputs.gather(1, index)[:, 0].flatten(1).mean(dim=1)  # a segmenter: over its pixels
 
 
 def chunked_scores(
@@ -83,6 +92,15 @@ def chunked_scores(
     return torch.cat(pieces)
 
 
+def _top1(outputs: Tensor) -> Tensor:
+    if outputs.dim() > 2:
+        raise ValueError(
+            f"target=None takes each image's top-1 class, but a segmenter's output "
+            f"{tuple(outputs.shape)} has one per pixel; give the class to score (target=c)"
+        )
+    return outputs.argmax(dim=1)
+
+
 def resolve_labels(
     forward_func: Callable[[Tensor], Tensor],
     inputs: Tensor,
@@ -99,7 +117,7 @@ def resolve_labels(
         with torch.no_grad(), preserved_buffers(models_behind(forward_func, [])):
             return torch.cat(
                 [
-                    forward_func(inputs[start : start + chunk_size]).argmax(dim=1)
+                    _top1(explained_output(forward_func(inputs[start : start + chunk_size])))
                     for start in range(0, num_examples, chunk_size)
                 ]
             )

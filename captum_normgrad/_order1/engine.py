@@ -16,7 +16,6 @@ from contextlib import AbstractContextManager
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_normgrad._core.captum import TargetType
@@ -45,7 +44,12 @@ from captum_normgrad._order1.vmap import (
     check_batch_first,
     layers_at_theta,
 )
-from captum_normgrad.losses import LossSpec, class_labels, per_example_loss
+from captum_normgrad.losses import (
+    LossSpec,
+    cross_entropy_of_labels,
+    loss_labels,
+    per_example_loss,
+)
 
 __all__ = ["Passes", "empty_records", "example_loss", "order1_records", "run_passes"]
 
@@ -71,16 +75,12 @@ class Passes(Protocol):
         ...
 
 
-def _cross_entropy(outputs: Tensor, labels: Tensor) -> Tensor:
-    # The labels were validated by `class_labels` on the batch; this runs inside torch.func.
-    return F.cross_entropy(outputs, labels, reduction="none")
-
-
 def example_loss(loss: LossSpec) -> Callable[[Tensor, object], Tensor]:
     """The loss every mode's passes call, ``(outputs, target) -> (B,)``: cross-entropy on labels
-    resolved beforehand, or the user's callable with its result checked."""
+    resolved (and validated) beforehand by ``loss_labels``, or the user's callable with its
+    result checked."""
     if loss == "cross_entropy":
-        return _cross_entropy
+        return cross_entropy_of_labels
 
     def callable_loss(outputs: Tensor, target: TargetType) -> Tensor:
         return per_example_loss(outputs, target, loss)
@@ -95,7 +95,9 @@ def _target_resolver(
 
     On the first chunk the batch's target is checked against the loss, before any backward, with
     the first example's outputs standing for every example's; with cross-entropy the labels of the
-    whole batch come from it, or, without a target, from each chunk's top-1 class at ``theta``.
+    whole batch come from it, or, where they depend on each example's own prediction (no target:
+    its top-1 class; a segmenter's class target: the pixels it predicts as the class), from each
+    chunk's outputs at ``theta``.
     """
     labels: Tensor | None = None
 
@@ -107,12 +109,13 @@ def _target_resolver(
                 first = outputs if stop - start == 1 else outputs[:1]
                 batch_outputs = first.repeat(num_examples, *[1] * (first.dim() - 1))
                 per_example_loss(batch_outputs, target, loss)
-                if loss == "cross_entropy" and target is not None:
-                    labels = class_labels(batch_outputs, target)
+                if loss == "cross_entropy" and target is not None and outputs.dim() == 2:
+                    labels = loss_labels(batch_outputs, target)
+            chunk_target = target_of_examples(target, start, stop, num_examples)
             if loss != "cross_entropy":
-                return target_of_examples(target, start, stop, num_examples)
+                return chunk_target
             if labels is None:
-                return class_labels(outputs, None)
+                return loss_labels(outputs, chunk_target, first_example=start)
             return labels[start:stop]
 
         return resolve_target

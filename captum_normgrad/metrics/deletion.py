@@ -129,13 +129,16 @@ def _causal_curve(
 
 _ARGS_DOC = """
     Args:
-        forward_func: the model, ``(B, C, H, W) -> (B, num_classes)``. Its buffers are restored
-            afterwards; put it in ``eval()`` mode yourself (dropout would make the curve random).
+        forward_func: the model, ``(B, C, H, W) -> (B, num_classes)``, or a segmenter's
+            ``(B, K, H, W)`` (or ``{"out": ...}``), scored by the class's mean over the pixels.
+            Its buffers are restored afterwards; put it in ``eval()`` mode yourself (dropout would
+            make the curve random).
         inputs: ``(N, C, H, W)`` images.
         maps: ``(N, 1, h, w)`` maps, at the image's or a layer's resolution (upsampled bilinearly).
             Ties are broken in raster order.
         target: the class to track per example: an int, one per example, or ``None`` for the
-            model's top-1 prediction on the unperturbed image (``N`` extra forward passes).
+            model's top-1 prediction on the unperturbed image (``N`` extra forward passes; a
+            segmenter needs the class).
         n_steps: the curve has ``n_steps + 1`` points; step ``k`` has changed
             ``floor(k * H * W / n_steps)`` pixels.
         substrate: what removed pixels become (see :func:`substrate_images`).

@@ -58,6 +58,7 @@ _PER_EXAMPLE_MODULES = (
     nn.Dropout1d,
     nn.Dropout2d,
     nn.ZeroPad2d,
+    nn.Upsample,  # a segmenter's: interpolates each example's own locations
 )
 
 _ELEMENTWISE_FUNCTIONS = {
@@ -88,6 +89,7 @@ _ELEMENTWISE_FUNCTIONS = {
     F.max_pool2d,
     F.avg_pool1d,
     F.avg_pool2d,
+    F.interpolate,
 }
 _ELEMENTWISE_METHODS = {
     "relu",
