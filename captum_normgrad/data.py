@@ -42,6 +42,7 @@ __all__ = [
     "EFFICIENTNET_LITE0_LAYERS",
     "EFFICIENTNET_LITE_MEAN",
     "EFFICIENTNET_LITE_STD",
+    "IMAGENET_CROP_FRACTION",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SAMPLE_PHOTOS",
@@ -68,6 +69,8 @@ EFFICIENTNET_LITE_STD = (128.0 / 255.0,) * 3
 # torchvision's ImageNet classifiers were trained with these.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# ... and evaluated on a 224 crop of the shorter side resized to 256.
+IMAGENET_CROP_FRACTION = 0.875
 
 
 def _optional(module: str, distribution: str, purpose: str) -> ModuleType:
@@ -192,19 +195,24 @@ def image_to_tensor(array: np.ndarray) -> Tensor:
     return image.float() / 255.0
 
 
-def center_crop(image: Tensor, size: int = 224) -> Tensor:
-    """The standard ImageNet evaluation view: shorter side to ``size / 0.875``, centre ``size`` crop.
+def center_crop(
+    image: Tensor, size: int = 224, crop_fraction: float = IMAGENET_CROP_FRACTION
+) -> Tensor:
+    """The standard ImageNet evaluation view: shorter side to ``size / crop_fraction`` (256 for
+    224), centre ``size`` crop.
 
     Args:
         image: ``(3, H, W)`` or ``(N, 3, H, W)`` images in [0, 1].
         size: the side of the square output.
+        crop_fraction: the crop's side over the resized shorter side (timm's ``crop_pct``; 1 crops
+            the whole shorter side).
 
     Returns:
         ``(3, size, size)`` (or batched) images in [0, 1], resized with antialiasing.
     """
     batched = image.unsqueeze(0) if image.dim() == 3 else image
     height, width = batched.shape[-2:]
-    scale = round(size / 0.875) / min(height, width)
+    scale = round(size / crop_fraction) / min(height, width)
     resized_size = (max(size, round(height * scale)), max(size, round(width * scale)))
     resized = F.interpolate(
         batched, size=resized_size, mode="bilinear", antialias=True, align_corners=False

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from cli_fixtures import save_hugging_face_vit
 
 from captum_normgrad.cli import main
 from captum_normgrad.cli._inputs import default_layer_names
@@ -61,15 +62,8 @@ def timm_checkpoint(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory) -> str:
     """A two-block ViT for 32 px images with random weights, saved as a user's fine-tuned one."""
-    torch.manual_seed(0)
     labels = {0: "cat, tabby", 1: "dog", 2: "cup"}
-    config = transformers.ViTConfig(
-        image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, id2label=labels, label2id={v: k for k, v in labels.items()},
-    )  # fmt: skip
-    folder = tmp_path_factory.mktemp("hf") / "tiny-vit"
-    transformers.ViTForImageClassification(config).save_pretrained(folder)
-    return str(folder)
+    return str(save_hugging_face_vit(tmp_path_factory.mktemp("hf") / "tiny-vit", labels))
 
 
 def test_explain_a_timm_model_from_a_timm_checkpoint(explain, timm_checkpoint, capsys, one_thread):

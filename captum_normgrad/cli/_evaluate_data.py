@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
+from captum_normgrad._core.front_door import explained_output
 from captum_normgrad.cli._errors import CliError
 from captum_normgrad.cli._evaluate_data_options import DATA_METRICS, DATA_STEPS
 from captum_normgrad.cli._inputs import default_layer_names, probe_layers, resolve_layers
@@ -49,6 +51,25 @@ def _device(choice: str | None) -> torch.device:
     return torch.device("cpu")
 
 
+def _returning_logits(module: nn.Module) -> nn.Module:
+    """The command line's own Hugging Face model, made to return its logits tensor.
+
+    The methods explain a ``ModelOutput``'s ``.logits`` themselves, but the score metrics
+    (deletion, insertion, confidence) and the output check take a tensor only. The model was
+    loaded by the command, so its forward is wrapped on the instance: its class, module names and
+    layouts stay those of the Hugging Face model.
+    """
+    if not type(module).__module__.startswith("transformers."):
+        return module
+    forward = module.forward
+
+    def logits(*args: object, **kwargs: object) -> Tensor:
+        return explained_output(forward(*args, **kwargs))
+
+    module.forward = logits
+    return module
+
+
 def run_on_data(args: argparse.Namespace, bundled_layers: Sequence[str]) -> int:
     """The metrics over ``args.data``; rank 0 prints the summary and where the files are."""
     try:
@@ -58,19 +79,22 @@ def run_on_data(args: argparse.Namespace, bundled_layers: Sequence[str]) -> int:
     if args.difficult_flags is not None and not Path(args.difficult_flags).is_file():
         raise CliError(f"difficult-subset file not found: {args.difficult_flags}")
     out = _output_folder(args.out)
-    model = load_model(args.model or BUNDLED_MODEL, args.weights, args.num_classes or 1000)
+    model = load_model(args.model or BUNDLED_MODEL, args.weights, args.num_classes)
     if args.layers:
         layer_names = args.layers
     elif model.name == BUNDLED_MODEL:
         layer_names = list(bundled_layers)
     else:
         layer_names = default_layer_names(model)
+    # A timm or Hugging Face model's own resize and crop, unless the user chose the sizes.
+    view = None if args.image_size or args.crop else model.configured_view()
+    resize, crop = view or (args.image_size or 224, args.crop)
     # Which layers have a map is read from one forward pass at the size the model will see.
-    side = args.crop or args.image_size or 224
+    side = crop or resize
     _, runs = probe_layers(model, torch.zeros(1, 3, side, side))
     layers = resolve_layers(model, layer_names, runs)
     device = _device(args.device)
-    module = model.module.to(device)
+    module = _returning_logits(model.module.to(device))
     methods = {METHODS[name].label: build_method(name, module, layers) for name in args.methods}
     try:
         table = evaluate_dataset(
@@ -80,8 +104,8 @@ def run_on_data(args: argparse.Namespace, bundled_layers: Sequence[str]) -> int:
             out,
             args.metrics or DATA_METRICS,
             preprocessing=Preprocessing(
-                resize=args.image_size or 224,
-                crop=args.crop,
+                resize=resize,
+                crop=crop,
                 mean=tuple(args.mean or model.mean),
                 std=tuple(args.std or model.std),
                 antialias=not args.no_antialias,

@@ -48,10 +48,18 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--split", help="VOC image list (default test), COCO split (val2014)")
     group.add_argument(
-        "--model", help=f"a torchvision architecture (default: {BUNDLED_MODEL}, bundled)"
+        "--model",
+        help=f"a torchvision architecture, timm:NAME (the timm extra) or hf:PATH (a local "
+        f"save_pretrained folder; the huggingface extra) (default: {BUNDLED_MODEL}, bundled)",
     )
-    group.add_argument("--weights", help="a local state dict for --model (weights_only=True)")
-    group.add_argument("--num-classes", type=positive_int, help="outputs of --model (1000)")
+    group.add_argument(
+        "--weights",
+        help="a local state dict for a torchvision or timm --model: a torch.save file (loaded "
+        "with weights_only=True) or a .safetensors file",
+    )
+    group.add_argument(
+        "--num-classes", type=positive_int, help="outputs of --model (1000; an hf: model's config)"
+    )
     group.add_argument(
         "--metrics",
         nargs="+",
@@ -60,10 +68,22 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
         help=f"any of {' '.join(METRICS)} (default: {' '.join(DATA_METRICS)})",
     )
     group.add_argument(
-        "--image-size", type=positive_int, help="shorter side after resizing (default: 224)"
+        "--image-size",
+        type=positive_int,
+        help="shorter side after resizing (default: 224; a timm or hf: model's own: its "
+        "configured size over its crop fraction, timm's crop_pct or a Hugging Face processor's)",
     )
-    group.add_argument("--crop", type=positive_int, help="a centre square crop after resizing")
-    group.add_argument("--mean", nargs=3, type=float, metavar="M", help="default: the model's")
+    group.add_argument(
+        "--crop",
+        type=positive_int,
+        help="a centre square crop after resizing (default: none; a timm or hf: model's "
+        "configured size). Either option replaces the model's resize and crop",
+    )
+    mean_help = (
+        "default: the model's (timm's pretrained_cfg, an hf: folder's preprocessor_config.json, "
+        "else ImageNet's)"
+    )
+    group.add_argument("--mean", nargs=3, type=float, metavar="M", help=mean_help)
     group.add_argument("--std", nargs=3, type=float, metavar="S", help="default: the model's")
     group.add_argument(
         "--no-antialias", action="store_true", help="resize without antialiasing (TorchRay, Caffe)"

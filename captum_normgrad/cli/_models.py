@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import pickle
 import zipfile
@@ -22,10 +23,11 @@ from torch import Tensor, nn
 
 from captum_normgrad import data
 from captum_normgrad._core.asset_names import BUNDLED_MODEL
-from captum_normgrad.cli._errors import CliError
+from captum_normgrad.cli._errors import CliError, first_line
 from captum_normgrad.cli._external_models import (
     HF_PREFIX,
     TIMM_PREFIX,
+    InputView,
     load_huggingface,
     load_timm,
 )
@@ -45,8 +47,11 @@ class LoadedModel:
         std: the normalisation std.
         names_missing: why ``class_names`` are placeholders (e.g. the extra that provides the
             ImageNet names is not installed), or ``None`` when they are real.
-        image_size: the image side the model was configured for (timm's ``pretrained_cfg``, a
-            Hugging Face config), or ``None`` when it does not say.
+        image_size: the side of the square the model was configured to see (timm's
+            ``pretrained_cfg``, a Hugging Face processor or config), or ``None`` when it does not
+            say.
+        crop_fraction: that square's side over the shorter side of the resized image (timm's
+            ``crop_pct``; ImageNet's 0.875 when the model does not say).
     """
 
     name: str
@@ -56,10 +61,18 @@ class LoadedModel:
     std: tuple[float, ...]
     names_missing: str | None = None
     image_size: int | None = None
+    crop_fraction: float = data.IMAGENET_CROP_FRACTION
 
     def prepare(self, image: Tensor) -> Tensor:
         """A ``(3, H, W)`` image in [0, 1] -> a normalised batch of one for this model."""
         return data.normalize(image, self.mean, self.std).unsqueeze(0)
+
+    def configured_view(self) -> tuple[int, int] | None:
+        """``(shorter side after resizing, centre crop)`` as the model's configuration gives them
+        (as :func:`captum_normgrad.data.center_crop` computes them), or ``None`` when it does not."""
+        if self.image_size is None:
+            return None
+        return round(self.image_size / self.crop_fraction), self.image_size
 
 
 def _torchvision_architectures() -> list[str]:
@@ -76,6 +89,30 @@ def _is_torch_file(path: Path) -> bool:
         return handle.read(1) == b"\x80"
 
 
+def _is_safetensors_file(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then its JSON header."""
+    with path.open("rb") as handle:
+        start = handle.read(9)
+    return len(start) == 9 and start[8:] == b"{" and int.from_bytes(start[:8], "little") > 1
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError as error:
+        raise CliError(
+            f"weights file {path} is a safetensors file, which needs the package 'safetensors', "
+            'not installed; pip install "captum-normgrad[timm]"'
+        ) from error
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CliError(
+            f"cannot read weights file {path} as safetensors ({first_line(error)}); is it complete?"
+        ) from error
+
+
 def _checkpoint_globals() -> contextlib.AbstractContextManager:
     """timm's training checkpoints also hold their ``argparse.Namespace`` of arguments, plain data
     that ``weights_only`` may accept (torch >= 2.5 can be told so)."""
@@ -87,9 +124,11 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise CliError(f"weights file not found: {path}")
     if not _is_torch_file(path):
+        if _is_safetensors_file(path) or path.suffix == ".safetensors":
+            return _read_safetensors(path)
         raise CliError(
-            f"weights file {path} was not written by torch.save; pass a state dict saved with "
-            "torch.save(model.state_dict(), PATH)"
+            f"weights file {path} was not written by torch.save or safetensors; pass a state "
+            "dict saved with torch.save(model.state_dict(), PATH) or safetensors.torch.save_file"
         )
     try:
         with _checkpoint_globals():
@@ -157,6 +196,20 @@ def _load_weights(model: nn.Module, name: str, path: Path) -> None:
     raise CliError(f"weights in {path} are not for the architecture {name}: " + ", ".join(problems))
 
 
+_IMAGENET = (tuple(data.IMAGENET_MEAN), tuple(data.IMAGENET_STD))
+
+
+def _with_view(model: LoadedModel, view: InputView) -> LoadedModel:
+    """``model`` with what its configuration says of its images (ImageNet's where it is silent)."""
+    return dataclasses.replace(
+        model,
+        mean=view.mean or model.mean,
+        std=view.std or model.std,
+        image_size=view.side,
+        crop_fraction=view.crop_fraction or model.crop_fraction,
+    )
+
+
 def load_model(
     name: str, weights: str | None = None, num_classes: int | None = None
 ) -> LoadedModel:
@@ -170,13 +223,12 @@ def load_model(
     if name.startswith(HF_PREFIX):
         if weights is not None:
             raise CliError(f"--model {name} holds its own weights; drop --weights")
-        module, image_size, labels = load_huggingface(name)
+        module, view, labels = load_huggingface(name)
         if num_classes is not None and num_classes != len(labels):
             raise CliError(f"{name} has {len(labels)} classes (its config's); drop --num-classes")
-        mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
-        return LoadedModel(name, module.eval(), labels, mean, std, None, image_size)
+        return _with_view(LoadedModel(name, module.eval(), labels, *_IMAGENET), view)
     num_classes = num_classes or 1000
-    image_size = None
+    view = None
     if name == BUNDLED_MODEL:
         if num_classes != 1000:
             raise CliError(f"{BUNDLED_MODEL} has 1000 classes; drop --num-classes")
@@ -186,8 +238,8 @@ def load_model(
             raise CliError(str(error)) from error
         mean, std = data.EFFICIENTNET_LITE_MEAN, data.EFFICIENTNET_LITE_STD
     elif name.startswith(TIMM_PREFIX):
-        module, image_size = load_timm(name, num_classes)
-        mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
+        module, view = load_timm(name, num_classes)
+        mean, std = _IMAGENET
     else:
         import torchvision
 
@@ -200,7 +252,7 @@ def load_model(
                 f"architecture (e.g. resnet18, vgg16), timm:NAME or hf:PATH{hint}"
             )
         module = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-        mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
+        mean, std = _IMAGENET
     if weights is not None:
         _load_weights(module, name, Path(weights))
     module.eval()
@@ -211,6 +263,5 @@ def load_model(
             class_names, names_missing = data.imagenet_class_names(), None
         except ImportError as error:  # says which extra to install
             names_missing = str(error)
-    return LoadedModel(
-        name, module, class_names, tuple(mean), tuple(std), names_missing, image_size
-    )
+    loaded = LoadedModel(name, module, class_names, tuple(mean), tuple(std), names_missing)
+    return loaded if view is None else _with_view(loaded, view)

@@ -35,8 +35,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     explain.add_argument(
         "--weights",
-        help="a local state dict (or timm checkpoint) for a torchvision or timm --model (loaded "
-        "with torch.load(weights_only=True))",
+        help="a local state dict for a torchvision or timm --model: a torch.save file (or timm "
+        "checkpoint; loaded with torch.load(weights_only=True)) or a .safetensors file",
     )
     explain.add_argument(
         "--num-classes",
@@ -46,8 +46,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     explain.add_argument(
         "--image-size",
         type=positive_int,
-        help="side of the centre crop the model sees (default: the image size of a timm or hf: "
-        "model's config, else 224)",
+        help="side of the centre crop the model sees (default: the size a timm or hf: model is "
+        "configured for, else 224); the shorter side is first resized to it over the model's crop "
+        "fraction (timm's crop_pct, a Hugging Face processor's crop_size / size, else 0.875). A "
+        "timm or hf: model is normalised with its own mean and std (timm's pretrained_cfg, the "
+        "folder's preprocessor_config.json), else ImageNet's",
     )
     add_common_options(
         explain,
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, args.weights, args.num_classes)
     target = resolve_target(model, args.target)
-    image = data.center_crop(photo, args.image_size or model.image_size or 224)
+    image = data.center_crop(photo, args.image_size or model.image_size or 224, model.crop_fraction)
     inputs = model.prepare(image)
     logits, runs = probe_layers(model, inputs)
     layer_names = args.layers or default_layer_names(model)
