@@ -14,9 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
 
-from captum_normgrad._core.front_door import explained_output
 from captum_normgrad.cli._errors import CliError
 from captum_normgrad.cli._evaluate_data_options import DATA_METRICS, DATA_STEPS
 from captum_normgrad.cli._inputs import default_layer_names, probe_layers, resolve_layers
@@ -51,25 +49,6 @@ def _device(choice: str | None) -> torch.device:
     return torch.device("cpu")
 
 
-def _returning_logits(module: nn.Module) -> nn.Module:
-    """The command line's own Hugging Face model, made to return its logits tensor.
-
-    The methods explain a ``ModelOutput``'s ``.logits`` themselves, but the score metrics
-    (deletion, insertion, confidence) and the output check take a tensor only. The model was
-    loaded by the command, so its forward is wrapped on the instance: its class, module names and
-    layouts stay those of the Hugging Face model.
-    """
-    if not type(module).__module__.startswith("transformers."):
-        return module
-    forward = module.forward
-
-    def logits(*args: object, **kwargs: object) -> Tensor:
-        return explained_output(forward(*args, **kwargs))
-
-    module.forward = logits
-    return module
-
-
 def run_on_data(args: argparse.Namespace, bundled_layers: Sequence[str]) -> int:
     """The metrics over ``args.data``; rank 0 prints the summary and where the files are."""
     try:
@@ -94,7 +73,7 @@ def run_on_data(args: argparse.Namespace, bundled_layers: Sequence[str]) -> int:
     _, runs = probe_layers(model, torch.zeros(1, 3, side, side))
     layers = resolve_layers(model, layer_names, runs)
     device = _device(args.device)
-    module = _returning_logits(model.module.to(device))
+    module = model.module.to(device)
     methods = {METHODS[name].label: build_method(name, module, layers) for name in args.methods}
     try:
         table = evaluate_dataset(

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from captum_normgrad._core.front_door import explained_output
 from captum_normgrad._core.methods import (
     Method,
     call_method,
@@ -90,7 +91,7 @@ def _needs_ground_truth(metrics: Sequence[str]) -> bool:
 
 def _check_outputs(model: nn.Module, inputs: Tensor, num_classes: int) -> None:
     with torch.no_grad(), preserved_buffers([model]):
-        outputs = model(inputs)
+        outputs = explained_output(model(inputs))
     if outputs.dim() != 2 or outputs.shape[1] != num_classes:
         raise ValueError(
             f"the model gives outputs of shape {tuple(outputs.shape)} but the data set has "
@@ -144,7 +145,7 @@ class _ImageEvaluator:
             masks = torch.stack([self.dataset.class_mask(example, c, size) for c in classes])
         if "selectivity" in self.metrics:
             with torch.no_grad(), preserved_buffers([self.model]):
-                outputs = self.model(batch)
+                outputs = explained_output(self.model(batch))
             others = contrast_classes(outputs, targets, self.options["contrast"])
         rows = []
         for method_name in pending:
