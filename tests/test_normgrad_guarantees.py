@@ -110,8 +110,10 @@ def test_bad_targets_for_output_convention(target, message):
 
 
 def test_cross_entropy_refuses_non_logit_outputs():
-    model = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1))  # a (N, 2, H, W) segmentation-like output
-    with pytest.raises(ValueError, match=r"\(N, num_classes\) logits.*shape \(1, 2, 4, 4\)"):
+    # one score per example, (N,): no classes to take a cross-entropy over ((N, K, H, W) outputs
+    # are a segmenter's, tests/test_segmentation.py)
+    model = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.Flatten(0))
+    with pytest.raises(ValueError, match=r"\(N, num_classes\) logits.*shape \(32,\)"):
         LayerNormGrad(model, model[0]).attribute(torch.randn(1, 3, 4, 4), target=1)
 
 

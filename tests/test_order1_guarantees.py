@@ -158,15 +158,6 @@ def test_passes_per_example(hvp, batch_mode, forwards, backwards):
     assert (model.forward_calls, _CountBackward.backward_calls) == (forwards, backwards)
 
 
-class LogitsPerLocation(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
-
-
 def test_clear_errors():
     model = bn_cnn().eval()
     images = torch.randn(2, 3, 8, 8)
@@ -199,9 +190,9 @@ def test_no_trainable_parameters():
 
 
 def test_non_logit_output_with_cross_entropy():
-    model = LogitsPerLocation()
+    model = nn.Sequential(nn.Conv2d(3, 1, 4), nn.Flatten(0))  # (N,): one score, no classes
     with pytest.raises(ValueError, match=r"cross-entropy needs \(N, num_classes\) logits"):
-        LayerNormGradOrder1(model, model.conv).attribute(torch.randn(2, 3, 4, 4), target=1)
+        LayerNormGradOrder1(model, model[0]).attribute(torch.randn(2, 3, 4, 4), target=1)
 
 
 def test_dropout_in_training_mode_is_refused():
