@@ -10,7 +10,13 @@ from model_state import assert_model_unchanged, model_snapshot
 from tiny_models import bn_cnn
 from torch import nn
 
-from captum_normgrad import LayerNormGrad, LayerNormGradConv, LayerNormGradSelective
+from captum_normgrad import (
+    LayerNormGrad,
+    LayerNormGradConv,
+    LayerNormGradOrder1,
+    LayerNormGradSelective,
+)
+from captum_normgrad.training import NormGradMonitor
 
 METHODS = [LayerNormGrad, LayerNormGradSelective, LayerNormGradConv]
 
@@ -151,8 +157,17 @@ def test_layer_with_tuple_output_is_refused():
             return self.head(self.split(x)[0])
 
     model = Model()
-    with pytest.raises(TypeError, match="'split' has a tuple as its output"):
+    message = "layer 'split' has a tuple as its output; NormGrad needs a single tensor there"
+    with pytest.raises(TypeError, match=message):
         LayerNormGrad(model, model.split).attribute(torch.randn(2, 4), target=0)
+    # which entry of a tuple is the activation is never guessed: the same refusal everywhere
+    for batch_mode in ("loop", "vmap"):
+        with pytest.raises(TypeError, match=message):
+            LayerNormGradOrder1(model, model.split).attribute(
+                torch.randn(2, 4), target=0, batch_mode=batch_mode
+            )
+    with pytest.raises(TypeError, match=message), NormGradMonitor(model, model.split):
+        model(torch.randn(2, 4))
 
 
 def test_every_captum_target_form_gives_the_same_map():

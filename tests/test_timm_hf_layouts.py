@@ -125,6 +125,20 @@ def _families():
         ("hf-swin-run-time-grid", _hf(t.SwinConfig, t.SwinForImageClassification, image_size=32,
          patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2),
          lambda m: m.swin.layernorm, tokens(0, 2, 8), (16, 64)),
+        # Blocks returning tuples (hidden states first): an attention, Swin's embeddings, a
+        # block, a stage with its patch merging (8 x 8 tokens merged to 4 x 4)
+        ("hf-vit-attention",
+         _hf(t.ViTConfig, t.ViTForImageClassification, intermediate_size=64, **HF_VIT),
+         lambda m: _hf_blocks(m)[0].attention, tokens(1, 4, 4), (32, 32)),
+        ("hf-swin-embeddings", _hf(t.SwinConfig, t.SwinForImageClassification, image_size=32,
+         patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2),
+         lambda m: m.swin.embeddings, tokens(0, 8, 8), (32, 32)),
+        ("hf-swin-block", _hf(t.SwinConfig, t.SwinForImageClassification, image_size=32,
+         patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2),
+         lambda m: m.swin.encoder.layers[1].blocks[0], tokens(0, 4, 4), (32, 32)),
+        ("hf-swin-stage-merging", _hf(t.SwinConfig, t.SwinForImageClassification, image_size=32,
+         patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2),
+         lambda m: m.swin.encoder.layers[0], tokens(0, 2, 8), (16, 64)),
         ("hf-convnext-inside", _hf(t.ConvNextConfig, t.ConvNextForImageClassification,
          hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
          lambda m: m.convnext.encoder.stages[1].layers[0].pwconv2, nhwc, (32, 32)),
@@ -285,7 +299,9 @@ def test_the_monitor_lays_out_timm_and_hugging_face_layers_as_the_methods(one_th
     """The training monitor resolves the same layouts: its map from the step's own backward
     equals LayerNormGrad's."""
     problems = [
-        family for family in FAMILIES if family[0] in ("timm-swin-mlp", "hf-dinov2-registers")
+        family
+        for family in FAMILIES
+        if family[0] in ("timm-swin-mlp", "hf-dinov2-registers", "hf-swin-block")
     ]
     for _, model, get_layer, _, size in problems:
         model, layer = model.double().eval(), get_layer(model)

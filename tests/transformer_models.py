@@ -60,11 +60,12 @@ def last_dim_norm(channels_last: Tensor) -> Tensor:
 def activation_and_gradient(
     model: nn.Module, layer: nn.Module, images: Tensor, labels: Tensor, parameters=None
 ) -> tuple[Tensor, Tensor]:
-    """The layer's output and the gradient of the summed cross-entropy with respect to it."""
+    """The layer's output and the gradient of the summed cross-entropy with respect to it (a
+    Hugging Face block's output tuple: its hidden states, the first entry)."""
     captured = {}
 
     def hook(module, args, output):
-        captured["activation"] = output
+        captured["activation"] = output[0] if isinstance(output, tuple) else output
         return output
 
     handle = layer.register_forward_hook(hook)

@@ -26,11 +26,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from captum_normgrad._core.hidden_states import activation_in, with_activation
+
 __all__ = [
     "Capture",
     "LayerRecord",
     "capture_layers",
     "check_each_ran_once",
+    "float_activation",
     "kept_value",
     "layer_gradients",
     "layer_name",
@@ -97,11 +100,13 @@ def layer_name(model: object, layer: nn.Module) -> str:
     return type(layer).__name__
 
 
-def _float_tensor(tensor: object, name: str, where: str) -> Tensor:
+def float_activation(tensor: object, name: str, where: str = "output") -> Tensor:
+    """The one refusal, for every method and the monitor, of a layer whose activation is not a
+    floating-point tensor (a tuple no architecture rule says how to read, an integer tensor)."""
     if not isinstance(tensor, Tensor):
         raise TypeError(
             f"layer '{name}' has a {type(tensor).__name__} as its {where}; NormGrad needs a single "
-            "tensor there"
+            "tensor there: attribute a module inside it that returns one (its last norm or MLP)"
         )
     if not tensor.is_floating_point():
         raise TypeError(
@@ -112,7 +117,7 @@ def _float_tensor(tensor: object, name: str, where: str) -> Tensor:
 
 
 def _grad_tracking(tensor: object, name: str, where: str) -> Tensor:
-    tensor = _float_tensor(tensor, name, where)
+    tensor = float_activation(tensor, name, where)
     # Nothing upstream requires grad (frozen model, plain input): start a graph here.
     return tensor if tensor.requires_grad else tensor.detach().requires_grad_()
 
@@ -153,7 +158,7 @@ def capture_layers(
             if not args:
                 raise TypeError(f"layer '{record.name}' was called without a positional input")
             if at_input:
-                source = _float_tensor(args[0], record.name, "input")
+                source = float_activation(args[0], record.name, "input")
                 record.activation = source.clone()
                 record.tap = torch.zeros_like(source, requires_grad=True)
                 # A new tensor: the layer may change its input in place (ReLU(inplace=True)).
@@ -167,11 +172,12 @@ def capture_layers(
         return hook
 
     def forward_hook(record: LayerRecord):
-        def hook(module: nn.Module, args: tuple, output: object) -> Tensor | None:
+        def hook(module: nn.Module, args: tuple, output: object) -> object:
             if records.forward_over:
                 return None
-            record.activation = record.tap = _grad_tracking(output, record.name, "output")
-            return record.activation.clone()
+            activation = activation_in(module, output)
+            record.activation = record.tap = _grad_tracking(activation, record.name, "output")
+            return with_activation(module, output, record.activation.clone())
 
         return hook
 
@@ -269,8 +275,8 @@ def register_tap(
 
         return layer.register_forward_pre_hook(pre_hook)
 
-    def hook(module: nn.Module, args: tuple, output: object) -> Tensor | None:
-        return tap(output)
+    def hook(module: nn.Module, args: tuple, output: object) -> object:
+        return with_activation(module, output, tap(activation_in(module, output)))
 
     return layer.register_forward_hook(hook)
 

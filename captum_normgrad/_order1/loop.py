@@ -33,6 +33,7 @@ from torch.func import functional_call
 from captum_normgrad._core.capture import (
     LayerRecord,
     check_each_ran_once,
+    float_activation,
     kept_value,
     register_tap,
 )
@@ -83,9 +84,7 @@ class _Taps:
             return None if zero is None else value + zero
         name = self.records[index].name
         self.records[index].calls += 1
-        if not isinstance(value, Tensor) or not value.is_floating_point():
-            kind = value.dtype if isinstance(value, Tensor) else type(value).__name__
-            raise TypeError(f"layer '{name}' gives {kind}; order 1 needs a floating-point tensor")
+        float_activation(value, name, "input" if self.at_input else "output")
         if not torch.is_grad_enabled():
             raise ValueError(
                 f"layer '{name}' runs with gradients disabled inside the model's forward (under "

@@ -24,6 +24,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from captum_normgrad._core.captum import run_forward
 from captum_normgrad._core.capture import LayerRecord, capture_layers, check_each_ran_once
 from captum_normgrad._core.front_door import explained_output
+from captum_normgrad._core.hidden_states import activation_in, with_activation
 from captum_normgrad._core.model_state import preserved_buffers
 from captum_normgrad._order1.autograd import ForwardCaller, Parameters, step_size
 from captum_normgrad._order1.examples import is_per_example
@@ -57,9 +58,10 @@ def _zero_added_at(
     activations: list[Tensor | None] = [None] * len(layers)
 
     def output_hook(index: int):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            activations[index] = output
-            return output + zeros[index]
+        def hook(module: nn.Module, args: tuple, output: object) -> object:
+            activation = activation_in(module, output)
+            activations[index] = activation
+            return with_activation(module, output, activation + zeros[index])
 
         return hook
 

@@ -13,7 +13,9 @@ import torch
 from captum.attr import LayerGradCam
 from torch import Tensor, nn
 
+from captum_normgrad._core.capture import float_activation
 from captum_normgrad._core.front_door import explained_output
+from captum_normgrad._core.hidden_states import activation_in, with_activation
 from captum_normgrad._core.layouts import Layout, recording_grids, resolve_layouts
 
 __all__ = ["LayerGradCams", "grad_cam_on_layout"]
@@ -26,9 +28,10 @@ def grad_cam_on_layout(
     gradient laid out channels first by ``layout`` (which refuses a layout it cannot know)."""
     captured = {}
 
-    def keep_output(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        captured["output"] = output
-        return output.clone()  # what was kept cannot be changed by an in-place op downstream
+    def keep_output(module: nn.Module, args: tuple, output: object) -> object:
+        captured["output"] = float_activation(activation_in(module, output), layout.name)
+        # what was kept cannot be changed by an in-place op downstream
+        return with_activation(module, output, captured["output"].clone())
 
     with recording_grids([layout]):
         handle = layer.register_forward_hook(keep_output)

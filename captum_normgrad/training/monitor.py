@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from captum_normgrad._core.capture import layer_name
+from captum_normgrad._core.capture import float_activation, layer_name
+from captum_normgrad._core.hidden_states import activation_in
 from captum_normgrad._core.layer_map import channel_norm
 from captum_normgrad._core.layouts import (
     Layout,
@@ -246,6 +247,7 @@ class NormGradMonitor:
                     f"layer '{name}' ran more than once in one forward pass; its activation is "
                     "ambiguous. Monitor a module that runs once per pass"
                 )
+            output = activation_in(module, output)
             _check_output(output, args, name)
             # Taken now, before any in-place operation downstream can change the activation; the
             # gradient hook below likewise receives the gradient of the value seen here.
@@ -319,11 +321,7 @@ def _check_layers(model: nn.Module, layers: list[nn.Module]) -> None:
 
 
 def _check_output(output: object, args: tuple, name: str) -> None:
-    if not isinstance(output, Tensor) or not output.is_floating_point():
-        kind = output.dtype if isinstance(output, Tensor) else type(output).__name__
-        raise RuntimeError(
-            f"layer '{name}' returned {kind}; the monitor needs a single floating-point tensor"
-        )
+    float_activation(output, name)
     if not output.requires_grad:
         raise RuntimeError(
             f"the output of layer '{name}' does not require grad (everything up to it is frozen), "

@@ -10,7 +10,9 @@
 - ConvNeXt: channels first, except the norm and the pointwise ``Linear`` layers inside a
   ``ConvNextLayer`` (channels last).
 
-Layers returning tuples (an attention, a Swin stage) are refused by the capture itself.
+Blocks returning tuples (an attention, Swin's embeddings, blocks and stages) are attributed at
+their hidden states, the entry :mod:`captum_normgrad._core.hidden_states` lists by class; a tuple
+from any other module is refused by the capture.
 """
 
 from __future__ import annotations
@@ -96,7 +98,9 @@ def _swin(model: nn.Module, below: list[nn.Module]) -> tuple[Kind, Kind]:
     if stage is not None:
         index = next(i for i, s in enumerate(stages) if s is stage)
         halvings_in = halvings_out = index
-        if stage.downsample is not None and any(m is stage.downsample for m in inner):
+        if stage.downsample is not None and stage is inner[-1]:
+            halvings_out = index + 1  # the stage's hidden states come out of its patch merging
+        elif stage.downsample is not None and any(m is stage.downsample for m in inner):
             halvings_out = index + 1
             inside = inner.index(stage.downsample) < len(inner) - 1
             halvings_in = halvings_out if inside else index

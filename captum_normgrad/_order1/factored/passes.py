@@ -40,6 +40,7 @@ from torch.func import functional_call
 from captum_normgrad._core.capture import (
     LayerRecord,
     check_each_ran_once,
+    float_activation,
     kept_value,
     register_tap,
 )
@@ -212,11 +213,7 @@ class FactoredPasses:
         record = self.records[index]
         _check_grad_enabled(f"layer '{record.name}'")
         record.calls += 1
-        if not isinstance(value, Tensor) or not value.is_floating_point():
-            kind = value.dtype if isinstance(value, Tensor) else type(value).__name__
-            raise TypeError(
-                f"layer '{record.name}' gives {kind}; order 1 needs a floating-point tensor"
-            )
+        float_activation(value, record.name, "input" if self.at_input else "output")
         if value.dim() == 0 or value.shape[0] != self.chunk:
             raise ValueError(
                 f"layer '{record.name}' has an activation of shape {tuple(value.shape)} for a "
