@@ -39,8 +39,8 @@ def problems(site: Path) -> list[str]:
             if f"{package}.{name}" not in documented:
                 found.append(f"{package}.{name} has no entry in the API reference")
     pages = sorted((site / "tutorials").glob("*.html"))
-    if len(pages) != 5:
-        found.append(f"expected 5 tutorial pages, found {len(pages)}")
+    if len(pages) != 6:
+        found.append(f"expected 6 tutorial pages, found {len(pages)}")
     for page in [*pages, site / "index.html"]:
         html = page.read_text()
         images = re.findall(r'<img[^>]+src="([^"]+)"', html)

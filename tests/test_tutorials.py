@@ -19,7 +19,7 @@ NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 
 
 def test_the_tutorials_are_there() -> None:
-    assert len(NOTEBOOKS) == 5
+    assert len(NOTEBOOKS) == 6
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
