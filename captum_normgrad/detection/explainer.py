@@ -69,7 +69,7 @@ class DetectorNormGrad:
         >>> targets = [{"boxes": torch.tensor([[4.0, 8.0, 40.0, 50.0]]),
         ...             "labels": torch.tensor([3])}] * 2
         >>> [tuple(m.shape) for m in explainer.attribute(images, targets=targets)]
-        [(1, 1, 4, 5), (1, 1, 5, 3)]
+        [(1, 1, 2, 3), (1, 1, 3, 2)]
     """
 
     def __init__(
@@ -114,7 +114,7 @@ class DetectorNormGrad:
                 ``(N_i,)`` tensor (Mask R-CNN: also ``"masks"``, ``(N_i, H, W)``).
             detection: instead of ``targets``, the index of the detection whose score is
                 explained, one int for every image or a list with one per image.
-            attribute_to_layer_input: as for :meth:`LayerNormGrad.attribute`.
+            attribute_to_layer_input: as for :meth:`~captum_normgrad.LayerNormGrad.attribute`.
             **method_kwargs: passed to the method's ``attribute`` (order 1's ``eps``,
                 ``h_scale``, ``hvp``; order 0's ``create_graph``).
 
@@ -123,12 +123,14 @@ class DetectorNormGrad:
             when ``layer`` was a list).
 
         Raises:
-            ValueError / TypeError: naming the argument: images that are not ``(C, H, W)``
-                tensors; no ``targets`` (and no ``detection``), both; a target without
-                ``"boxes"`` / ``"labels"`` (or ``"masks"``), of the wrong shape or dtype, a box
-                outside its image or with ``x2 <= x1``, a label outside the detector's classes;
-                a detection index beyond the image's detections; ``detection`` with order 1,
-                which needs a loss to descend.
+            ValueError: naming the argument: no ``targets`` (and no ``detection``), or both;
+                images that are not ``(C, H, W)`` float tensors; a target without ``"boxes"`` /
+                ``"labels"`` (or ``"masks"``) or of the wrong shape, a box outside its image or
+                with ``x2 <= x1``, a label outside the detector's classes; a detection index
+                beyond the image's detections; ``detection`` with order 1, which needs a loss to
+                descend.
+            TypeError: ``images`` or ``targets`` of the wrong type, boxes or labels of the wrong
+                dtype, arguments the explainer sets itself (``loss``, ``target``).
             RuntimeError: a layer the loss (or score) does not reach, or one that never ran.
         """
         images = checked_images(images)
