@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+import torchvision
 from detection_models import (
     build,
     layer_of,
@@ -21,6 +22,7 @@ from detection_models import (
 )
 from model_state import assert_model_unchanged, model_snapshot
 from torch import nn
+from torchvision.models import detection
 
 from captum_normgrad import (
     LayerNormGrad,
@@ -125,6 +127,20 @@ def test_the_sampling_is_seeded_by_the_explainer_alone(detectors):
     other = DetectorNormGrad(model, layer, seed=6).attribute([image], targets=targets)[0]
     assert torch.equal(first, second)
     assert (first - other).abs().max() > 1e-3 * first.abs().max()
+
+
+def test_a_list_of_layers_and_an_image_without_boxes(detectors):
+    """A list of layers gives each image a list of maps, each the single layer's; an image with
+    no box (a negative, as torchvision trains on) has a map of its background loss."""
+    model = detector(detectors, "faster_rcnn")
+    layers = [model.backbone.body["10"], layer_of(model)]
+    image = images_of()[0]
+    negative = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    for target in (target_for(image), negative):
+        (both,) = DetectorNormGrad(model, layers).attribute([image], targets=[target])
+        for layer, found in zip(layers, both):
+            alone = DetectorNormGrad(model, layer).attribute([image], targets=[target])[0]
+            assert torch.equal(found, alone) and found.max() > 0
 
 
 @pytest.mark.parametrize("name", ["fcos", "ssdlite", "mask_rcnn"])
@@ -273,7 +289,10 @@ def test_bad_score_mode_input_is_refused_naming_it(detectors):
 def test_bad_construction_is_refused_naming_it(detectors):
     model = detector(detectors, "faster_rcnn")
     with pytest.raises(TypeError, match="torchvision detector .* got ResNet"):
-        DetectorNormGrad(__import__("torchvision").models.resnet18(), model.backbone)
+        DetectorNormGrad(torchvision.models.resnet18(), model.backbone)
+    keypoints = detection.keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    with pytest.raises(TypeError, match="KeypointRCNN, whose loss needs keypoint targets"):
+        DetectorNormGrad(keypoints, keypoints.backbone.body.layer3)
     with pytest.raises(TypeError, match="method must be a NormGrad class"):
         DetectorNormGrad(model, layer_of(model), method=torch.nn.Conv2d)
     with pytest.raises(ValueError, match="layer Linear is not a module of the model"):

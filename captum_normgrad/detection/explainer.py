@@ -44,7 +44,9 @@ class DetectorNormGrad:
     Each image is explained alone (a batch of one): its map does not depend on the other images,
     and images may have different sizes. The map is at the layer's resolution of the image the
     detector sees, after its transform (resized to ``min_size`` / ``max_size`` and padded to a
-    multiple of 32 at the bottom and right). The model is left as it was, flags included.
+    multiple of 32 at the bottom and right; with several ``min_size`` values, the loss's pass
+    draws its scale at random, seeded like the sampling). The model is left as it was, flags
+    included.
 
     Args:
         model: a torchvision Faster R-CNN, Mask R-CNN, RetinaNet, FCOS, SSD or SSDlite.
