@@ -1,6 +1,6 @@
 """Checks of the built site that Sphinx's own warnings do not cover (run by .ci/run after the build).
 
-- every public name of the four packages is in the site's inventory (it has an API entry);
+- every public name of the documented packages is in the site's inventory (it has an API entry);
 - every tutorial page shows figures, and every image a page refers to was written;
 - the home page shows the compare figure;
 - where Chromium is installed (Debian's ``chromium``), the home page and a tutorial page are
@@ -26,6 +26,7 @@ PACKAGES = (
     "captum_normgrad.metrics",
     "captum_normgrad.evaluation",
     "captum_normgrad.training",
+    "captum_normgrad.detection",
 )
 
 
