@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
-import statistics
-import time
 
 import torch
 from peak_memory import peak_memory_above_setup_mb
+from timing import alternating_medians
 from torch import nn
 from torchvision.models import detection
 
@@ -128,13 +128,10 @@ def main() -> None:
         timed = methods(model, layer)
         for method in timed.values():  # warm-up
             method(images, targets)
-        seconds = {name: [] for name in timed}
-        for _ in range(args.repeats):
-            for name, method in timed.items():
-                start = time.perf_counter()
-                method(images, targets)
-                seconds[name].append(time.perf_counter() - start)
-        median = {name: statistics.median(values) for name, values in seconds.items()}
+        median = alternating_medians(
+            {name: functools.partial(method, images, targets) for name, method in timed.items()},
+            args.repeats,
+        )
         print(f"\n{model_name} (layer {LAYERS[model_name]})")
         for name, value in median.items():
             print(f"  {name:<22} {value * 1000:8.0f} ms")

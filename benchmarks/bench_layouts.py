@@ -11,11 +11,10 @@ alternate the two and the medians are compared (the machine is noisy). Random we
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import timm
 import torch
+from timing import alternating_medians
 
 from captum_normgrad import LayerNormGrad, TokensToGrid
 
@@ -47,13 +46,7 @@ def main() -> None:
     first = [m for m in calls["read from the model"]()]
     second = [m for m in calls["transform given"]()]
     assert all(torch.equal(a, b) for a, b in zip(first, second)), "the two layouts disagree"
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(arguments.rounds):
-        for name, call in calls.items():
-            started = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - started)
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    medians = alternating_medians(calls, arguments.rounds)
     print(f"{arguments.model} at {size[0]}x{size[1]}, batch {arguments.batch}, 3 layers")
     for name, value in medians.items():
         print(f"  {name:22s} {value * 1000:7.1f} ms")

@@ -16,14 +16,14 @@ Timings alternate methods round by round and report medians, since the machine i
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
-import time
 
 import torch
 import torchvision
 from captum.attr import LayerGradCam
 from peak_memory import peak_memory_above_setup_mb
+from timing import alternating_medians
 from torch import nn
 
 from captum_normgrad import LayerNormGrad
@@ -106,13 +106,10 @@ def main() -> None:
         timed = methods(model, model_name)
         for method in timed.values():  # warm-up
             method(images, target)
-        seconds = {name: [] for name in timed}
-        for _ in range(args.repeats):
-            for name, method in timed.items():
-                start = time.perf_counter()
-                method(images, target)
-                seconds[name].append(time.perf_counter() - start)
-        median = {name: statistics.median(values) for name, values in seconds.items()}
+        median = alternating_medians(
+            {name: functools.partial(method, images, target) for name, method in timed.items()},
+            args.repeats,
+        )
         print(
             f"\n{model_name} (deepest layer {FIVE_LAYERS[model_name][-1]}, "
             f"shallowest {FIVE_LAYERS[model_name][0]})"

@@ -20,14 +20,14 @@ method once, in turn) after a warm-up call each, and the medians over rounds are
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import statistics
-import time
 
 import torch
 import torchvision
 from captum.attr import LayerGradCam
 from peak_memory import peak_memory_above_setup_mb
+from timing import alternating_medians
 from torch import nn
 
 from captum_normgrad.order1 import LayerNormGradOrder1
@@ -80,13 +80,9 @@ def median_seconds(
     """Median over ``rounds`` alternating rounds, after one warm-up call of each on one image."""
     for call in calls.values():
         call(images[:1], target[:1])
-    seconds: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call(images, target)
-            seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in seconds.items()}
+    return alternating_medians(
+        {name: functools.partial(call, images, target) for name, call in calls.items()}, rounds
+    )
 
 
 def peak_memory_mb(
