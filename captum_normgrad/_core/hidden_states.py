@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from captum_normgrad._core.by_class import registered
+
 __all__ = ["activation_in", "with_activation"]
 
 _HF = "transformers.models"
@@ -29,18 +31,10 @@ TUPLE_OUTPUTS: dict[str, int] = {
 }
 
 
-def _entry(module: nn.Module) -> int | None:
-    for cls in type(module).__mro__:
-        entry = TUPLE_OUTPUTS.get(f"{cls.__module__}.{cls.__qualname__}")
-        if entry is not None:
-            return entry
-    return None
-
-
 def activation_in(module: nn.Module, output: object) -> object:
     """The activation in ``module``'s output: the listed entry of a listed module's tuple, else
     the output itself (which the caller checks is a tensor)."""
-    entry = _entry(module)
+    entry = registered(TUPLE_OUTPUTS, module)
     if entry is not None and isinstance(output, tuple) and len(output) > entry:
         return output[entry]
     return output
@@ -50,7 +44,7 @@ def with_activation(module: nn.Module, output: object, activation: object) -> ob
     """``module``'s output with its activation replaced by ``activation`` (``None``: unchanged)."""
     if activation is None:
         return None
-    entry = _entry(module)
+    entry = registered(TUPLE_OUTPUTS, module)
     if entry is not None and isinstance(output, tuple) and len(output) > entry:
         return (*output[:entry], activation, *output[entry + 1 :])
     return activation

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from captum_normgrad._core.by_class import registered
 from captum_normgrad._core.capture import layer_name
 from captum_normgrad._core.layouts import huggingface, timm, torchvision
 from captum_normgrad._core.layouts.base import (
@@ -56,18 +57,10 @@ Rule = Callable[[nn.Module, list[nn.Module]], tuple[Kind, Kind]]
 REGISTRY: dict[str, Rule] = {**torchvision.REGISTRY, **timm.REGISTRY, **huggingface.REGISTRY}
 
 
-def _rule_of(module: nn.Module) -> Rule | None:
-    for cls in type(module).__mro__:
-        rule = REGISTRY.get(f"{cls.__module__}.{cls.__qualname__}")
-        if rule is not None:
-            return rule
-    return None
-
-
 def _known_kinds(path: list[nn.Module]) -> tuple[Kind, Kind] | None:
     """The layouts of ``path[-1]``'s input and output from the innermost recognised model."""
     for index in range(len(path) - 1, -1, -1):
-        rule = _rule_of(path[index])
+        rule = registered(REGISTRY, path[index])
         if rule is not None:
             return rule(path[index], path[index + 1 :])
     return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from captum_normgrad._core.by_class import qualified_name
 from captum_normgrad._core.layouts.base import FIRST, LAST, Kind, Refusal, permute_kind
 
 __all__ = ["generic_kinds"]
@@ -53,13 +54,9 @@ _SEQUENCE_FIRST = Refusal(
 )
 
 
-def _qualified(module: nn.Module) -> str:
-    return f"{type(module).__module__}.{type(module).__qualname__}"
-
-
 def _own_kind(module: nn.Module) -> Kind | None:
     """What ``module`` alone says about its output's layout, or ``None``."""
-    if isinstance(module, _CHANNELS_FIRST) or _qualified(module) in _CHANNELS_FIRST_NORMS:
+    if isinstance(module, _CHANNELS_FIRST) or qualified_name(type(module)) in _CHANNELS_FIRST_NORMS:
         return FIRST
     if isinstance(module, nn.LayerNorm):
         data_format = getattr(module, "data_format", None)
