@@ -21,7 +21,7 @@ from torch import Tensor
 
 from captum_normgrad._core.front_door import is_index, target_length_error
 
-__all__ = ["IGNORE", "dense_labels", "region_scores"]
+__all__ = ["IGNORE", "class_scores", "dense_cross_entropy", "dense_labels", "region_scores"]
 
 IGNORE = -100  # F.cross_entropy's ignore_index; 255 in a mask is mapped to it
 _IGNORED_IN_MASKS = (255, -100)
@@ -112,23 +112,32 @@ def dense_labels(outputs: Tensor, target: object, first_example: int = 0) -> Ten
             f"{tuple(outputs.shape)} takes a mask (N, *S) = "
             f"{(outputs.shape[0], *outputs.shape[2:])} or one class per example"
         )
+    classes, region = _class_region(outputs, target, first_example)
+    return (
+        classes.view(-1, *[1] * (region.dim() - 1)).expand_as(region).masked_fill(~region, IGNORE)
+    )
+
+
+def _class_region(outputs: Tensor, target: object, first_example: int) -> tuple[Tensor, Tensor]:
+    """Each example's class ``(N,)`` and the pixels it predicts as that class ``(N, *S)``, an
+    example predicting it nowhere refused."""
     classes = _classes_per_example(outputs, target)
     predicted = outputs.detach().argmax(dim=1)
     region = predicted == classes.view(-1, *[1] * (predicted.dim() - 1))
     _refuse_empty(region, "pixel predicted as the target class", first_example)
-    return torch.where(region, predicted, torch.full_like(predicted, IGNORE))
+    return classes, region
+
+
+def class_scores(outputs: Tensor, classes: Tensor) -> Tensor:
+    """Each example's scores of its class at every location: ``(N, K, *S)`` -> ``(N, *S)``."""
+    return outputs[torch.arange(outputs.shape[0], device=outputs.device), classes]
 
 
 def region_scores(outputs: Tensor, target: object) -> Tensor:
     """Captum's segmentation-tutorial score: per example, the class's scores summed over the
     pixels the model predicts as that class, ``(N,)``."""
-    classes = _classes_per_example(outputs, target)
-    predicted = outputs.detach().argmax(dim=1)
-    region = predicted == classes.view(-1, *[1] * (predicted.dim() - 1))
-    _refuse_empty(region, "pixel predicted as the target class", 0)
-    index = classes.view(-1, 1, *[1] * (predicted.dim() - 1)).expand(-1, 1, *predicted.shape[1:])
-    class_scores = outputs.gather(1, index)[:, 0]
-    return (class_scores * region).flatten(1).sum(dim=1)
+    classes, region = _class_region(outputs, target, 0)
+    return (class_scores(outputs, classes) * region).flatten(1).sum(dim=1)
 
 
 def dense_cross_entropy(outputs: Tensor, labels: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from captum_normgrad._core.dense_targets import class_scores
 from captum_normgrad._core.front_door import explained_output
 from captum_normgrad._core.model_state import models_behind, preserved_buffers
 
@@ -57,8 +58,7 @@ def _target_scores(outputs: object, labels: Tensor, score: Score) -> Tensor:
         raise ValueError(f"score must be 'probability', 'output' or a callable, got {score!r}")
     if outputs.dim() == 2:
         return outputs.gather(1, labels[:, None])[:, 0]
-    index = labels.view(-1, 1, *[1] * (outputs.dim() - 2)).expand(-1, 1, *outputs.shape[2:])
-    return outputs.gather(1, index)[:, 0].flatten(1).mean(dim=1)  # a segmenter: over its pixels
+    return class_scores(outputs, labels).flatten(1).mean(dim=1)  # a segmenter: over its pixels
 
 
 def chunked_scores(
